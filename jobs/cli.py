@@ -1,0 +1,79 @@
+"""The ``cvnet`` command line: one sub-command per user job.
+
+Each job lives in its own module under ``jobs/`` and exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Job modules import only the standard
+library at module level, so ``cvnet --help`` stays fast; heavy imports happen in ``run``.
+The same module is the entrypoint that ``ray job submit`` runs (``python -m jobs.<name>``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from types import ModuleType
+
+# sub-command -> module (kept in the order users meet them)
+COMMANDS: dict[str, str] = {
+    "demo": "jobs.demo",
+    "synth": "jobs.synth",
+    "extract": "jobs.extract",
+    "train-global": "jobs.train_global",
+    "evaluate": "jobs.evaluate",
+    "submit": "jobs.submit",
+}
+
+
+def _job_module(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name])
+
+
+def available_commands() -> dict[str, ModuleType]:
+    """The sub-commands whose modules are present, by name."""
+    found = {}
+    for name, module in COMMANDS.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvnet", description="CVNet retrieval pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in available_commands().items():
+        job = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(job)
+        job.set_defaults(_run=module.run)
+    return parser
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return int(args._run(args) or 0)
+
+
+def entrypoint(module_name: str, argv: list[str] | None = None) -> int:
+    """Run one job module as a script (``python -m jobs.extract ...``)."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=module.HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
