@@ -1,0 +1,75 @@
+"""The whole CVNet model with the reference state-dict names (SPEC §3.6).
+
+``encoder_q`` is the global network (:class:`GlobalNet`), ``conv2ds`` the three per-scale
+Conv2d(1024, 256) of the re-ranking pyramid and ``cv_learner`` the correlation verifier.
+The inference methods take HxWx3 uint8 BGR arrays (as ``cv2.imread`` returns them) and run
+in eval mode without gradients, restoring the previous mode afterwards.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from cvnet.models.global_net import DEFAULT_SCALES, GlobalNet, check_image, multiscale_descriptors, to_batch
+from cvnet.models.rerank import CVLearner, RerankFeatures, compute_rerank_features, make_conv2ds
+from cvnet.models.rerank import match_probability as rerank_match_probability
+
+
+class CVNet(nn.Module):
+    """CVNet-Global + CVNet-Rerank; ``CVNet(depth)`` has torch's default random init."""
+
+    def __init__(self, depth: int = 50):
+        super().__init__()
+        self.encoder_q = GlobalNet(depth)
+        self.conv2ds = make_conv2ds()
+        self.cv_learner = CVLearner()
+
+    @property
+    def depth(self) -> int:
+        return self.encoder_q.depth
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def global_descriptor(self, images: Sequence[np.ndarray], scales: Sequence[float] = DEFAULT_SCALES,
+                          batch_size: int = 8) -> np.ndarray:
+        """(N, 2048) float32 multi-scale descriptors, rows L2-normalised, of BGR uint8 images."""
+        with self._inference():
+            return multiscale_descriptors(self.encoder_q, images, scales, batch_size)
+
+    def feature_map_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """Pre-ReLU stage-3 map (1024, ceil(H/16), ceil(W/16)) of one image at scale 1.0, on the model's device."""
+        check_image(image, 0)
+        with self._inference():
+            return self.encoder_q.stage3(to_batch([image], self.device))[0]
+
+    def feature_map(self, image: np.ndarray) -> np.ndarray:
+        """:meth:`feature_map_tensor` as a float32 numpy array."""
+        return self.feature_map_tensor(image).float().cpu().numpy()
+
+    def rerank_features(self, image: np.ndarray) -> RerankFeatures:
+        """The per-image, cacheable re-ranking input (``.to_bytes()`` serialises it)."""
+        feature_map = self.feature_map_tensor(image)
+        with self._inference():
+            return compute_rerank_features(feature_map, self.conv2ds)
+
+    def match_probability(self, query_features: RerankFeatures,
+                          key_features_list: Sequence[RerankFeatures]) -> np.ndarray:
+        """(K,) float32 probability that each key shows the query's landmark."""
+        with self._inference():
+            return rerank_match_probability(self.cv_learner, query_features, key_features_list)
