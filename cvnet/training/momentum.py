@@ -1,0 +1,80 @@
+"""The momentum encoder (EMA of the global network) and its labelled FIFO queue (SPEC §6)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of a network whose weights follow it as an exponential moving average."""
+
+    def __init__(self, online: nn.Module, momentum: float = 0.999):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum: {momentum} is outside [0, 1]")
+        self.momentum = momentum
+        self.encoder = copy.deepcopy(online)
+        for param in self.encoder.parameters():
+            param.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> MomentumEncoder:
+        """The copy always stays in eval mode (BN uses the followed running statistics)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, online: nn.Module) -> None:
+        """``p_k <- eta p_k + (1 - eta) p_q`` for parameters; buffers are copied."""
+        for p_k, p_q in zip(self.encoder.parameters(), online.parameters(), strict=True):
+            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1.0 - self.momentum)
+        for b_k, b_q in zip(self.encoder.buffers(), online.buffers(), strict=True):
+            b_k.copy_(b_q)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+class LabelledQueue(nn.Module):
+    """A FIFO ring of ``size`` descriptors with their labels; empty slots have label -1."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue_size: {size} must be at least 1")
+        self.register_buffer("descriptors", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, descriptors: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write a batch after the newest entries, overwriting the oldest (wrap-around)."""
+        if descriptors.shape[0] != labels.shape[0]:
+            raise ValueError(f"enqueue: {descriptors.shape[0]} descriptors but "
+                             f"{labels.shape[0]} labels")
+        n = descriptors.shape[0]
+        if n > self.size:  # only the newest ``size`` entries survive anyway
+            descriptors, labels = descriptors[-self.size:], labels[-self.size:]
+            self.ptr.add_(n - self.size).remainder_(self.size)
+            n = self.size
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.descriptors[slots] = descriptors.detach().to(self.descriptors.dtype)
+        self.labels[slots] = labels.to(self.labels.dtype)
+        self.ptr.add_(n).remainder_(self.size)
+
+
+def gather_from_workers(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) from all DDP workers, in rank order."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
