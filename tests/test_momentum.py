@@ -27,8 +27,8 @@ def test_queue_batch_larger_than_queue_keeps_the_newest():
     queue = LabelledQueue(size=3, dim=2)
     queue.enqueue(_rows([1]), torch.tensor([1]))
     queue.enqueue(_rows([2, 3, 4, 5, 6]), torch.tensor([2, 3, 4, 5, 6]))
-    # the ring continues at slot 1 as if the items had been written one by one
-    assert queue.labels.tolist() == [6, 4, 5]
+    # as if written one by one from slot 1: 2,3 -> slots 1,2; 4,5,6 -> slots 0,1,2
+    assert queue.labels.tolist() == [4, 5, 6] and int(queue.ptr) == 0
     reference = LabelledQueue(size=3, dim=2)
     for v in (1, 2, 3, 4, 5, 6):
         reference.enqueue(_rows([v]), torch.tensor([v]))
