@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,12 +169,15 @@ def _upsampled(features: Sequence[RerankFeatures], device: torch.device) -> torc
     return upsample_levels(levels, features[0].size)
 
 
-def _autocast(device: torch.device, precision: str):
+def _precision_context(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast, or exact fp32 (TF32 convs off on CUDA, where cuDNN enables them by default)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    return nullcontext()
 
 
 @torch.no_grad()
@@ -198,7 +201,7 @@ def match_probability(
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, key in enumerate(keys):
         by_size[key.size].append(index)
-    with _autocast(device, precision):
+    with _precision_context(device, precision):
         query_full = _upsampled([query], device)[0]
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):
