@@ -174,7 +174,7 @@ def save_checkpoint(model: CVNet, uri: str, metadata: dict | None = None) -> Non
 
 _TORCHVISION_LEAVES = {"conv1": "f.a", "bn1": "f.a_bn", "conv2": "f.b", "bn2": "f.b_bn", "conv3": "f.c",
                        "bn3": "f.c_bn", "downsample.0": "proj", "downsample.1": "bn"}
-_TORCHVISION_BLOCK = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(.+)")
+_TORCHVISION_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(.+)")
 
 
 def torchvision_to_pycls(key: str) -> str | None:
@@ -202,6 +202,7 @@ def load_imagenet_backbone(global_net: nn.Module, source: Source) -> None:
     if "conv1.weight" in state:
         renamed = {torchvision_to_pycls(k): v for k, v in state.items()}
         state = {k: v for k, v in renamed.items() if k is not None}
+        name += " (torchvision names; missing keys named as pycls)"
     else:
         state = {k.removeprefix("encoder_q."): v for k, v in state.items() if not k.startswith("head.")}
     trunk = nn.Module()
