@@ -151,3 +151,36 @@ def train_step(state: Stage1State, queries: torch.Tensor, keys: torch.Tensor,
     return {"loss": loss.item(), "loss_cls": loss_cls.item(), "loss_con": loss_con.item(),
             "lr": lr, "t_cls": state.core.cls_loss.margin.t.item(),
             "t_con": state.con_loss.margin.t.item()}
+
+
+def build_global_net(depth: int, init_seed: int, backbone_init: str | None = None) -> nn.Module:
+    """The starting global network: torch's default init under ``init_seed`` (deterministic),
+    then the ImageNet trunk from ``backbone_init`` when given (the head keeps its init)."""
+    from cvnet.models.checkpoints import load_imagenet_backbone
+    from cvnet.models.global_net import GlobalNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        net = GlobalNet(depth)
+    if backbone_init:
+        load_imagenet_backbone(net, backbone_init)
+    return net
+
+
+def build_stage1(net: nn.Module, num_classes: int, loss: dict[str, Any], optim: dict[str, Any],
+                 freeze: int) -> tuple[Stage1State, list[nn.Module]]:
+    """A fresh :class:`Stage1State` around ``net`` (``loss`` / ``optim``: the config sections)
+    and the frozen modules."""
+    dim = net.head.fc.out_features
+    frozen = freeze_stages(net, freeze)
+    model = Stage1Model(net, dim, num_classes, loss["margin"], loss["scale"], loss["t_alpha"])
+    optimizer = build_optimizer(model, optim["lr"], optim["head_lr_mult"], optim["momentum"],
+                                optim["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(optim["warmup_steps"], optim["max_steps"]))
+    state = Stage1State(
+        model=model, momentum=MomentumEncoder(net, loss["momentum"]),
+        queue=LabelledQueue(loss["queue_size"], dim),
+        con_loss=MomentumContrastiveLoss(loss["margin"], loss["scale"], loss["t_alpha"]),
+        optimizer=optimizer, scheduler=scheduler)
+    return state, frozen
