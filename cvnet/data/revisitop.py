@@ -17,8 +17,8 @@ from cvnet.data.manifest import MANIFEST_SCHEMA, read_image_bytes
 from cvnet.storage import filesystem, join
 
 PROTOCOLS = ("easy", "medium", "hard")
-# builtins a protocol-2/3 pickle needs to rebuild sets; nothing else may be imported
-_ALLOWED_GLOBALS = {("builtins", "set"), ("builtins", "frozenset")}
+# builtins a protocol-2/3 pickle needs to rebuild sets (Python 2 names included); nothing else
+_ALLOWED_GLOBALS = {(m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset")}
 
 
 class GroundTruthError(ValueError):
