@@ -17,6 +17,13 @@ MEAN_BGR = np.array([0.406, 0.456, 0.485], dtype=np.float32)
 STD_BGR = np.array([0.225, 0.224, 0.229], dtype=np.float32)
 
 
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard: 100 megapixels
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) do not
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
 class ImageDecodeError(ValueError):
     """An image could not be decoded; the message names the image and the reason."""
 
@@ -26,13 +33,79 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes to an HxWx3 BGR uint8 array (as ``cv2.imread`` would)."""
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the first JPEG frame header, ``None`` if there is none."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF and i + 9 <= len(data):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def image_size(data: bytes) -> tuple[str, tuple[int, int] | None]:
+    """The format (``jpeg``, ``png`` or ``other``) and ``(width, height)`` read from the header."""
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg", _jpeg_size(data)
+    if data.startswith(_PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
+        return "png", (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+    return "other", None
+
+
+def _check_complete(kind: str, data: bytes, name: str) -> None:
+    """Refuse truncated JPEG/PNG files, which OpenCV would decode as a grey-padded image."""
+    if kind == "jpeg":
+        # FF D9 / FF DA never occur inside entropy-coded data, so an intact file has an
+        # end-of-image marker after its last start-of-scan.
+        last_scan = data.rfind(b"\xff\xda")
+        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+            raise ImageDecodeError(name, "truncated JPEG (no end-of-image marker after the last scan)")
+    elif kind == "png" and data.rfind(b"IEND") < 0:
+        raise ImageDecodeError(name, "truncated PNG (no IEND chunk)")
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to an HxWx3 BGR uint8 array, as ``cv2.imread`` would.
+
+    The format is taken from the bytes, not the name; grayscale and CMYK images come out as
+    BGR and the EXIF orientation is applied (OpenCV's ``IMREAD_COLOR``). Empty, truncated or
+    undecodable data and images over ``max_pixels`` (checked from the header, before any pixel
+    is decoded) raise :class:`ImageDecodeError` naming ``name``.
+    """
     if not data:
         raise ImageDecodeError(name, "empty file")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    kind, size = image_size(data)
+    if kind == "jpeg" and size is None:
+        raise ImageDecodeError(name, "corrupt JPEG: no frame header")
+    if size is not None:
+        width, height = size
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(name, f"invalid image size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the "
+                                         f"limit of {max_pixels} (decompression bomb?)")
+    _check_complete(kind, data, name)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageDecodeError(name, f"OpenCV could not decode it: {exc}") from exc
     if image is None:
         raise ImageDecodeError(name, "not a decodable image")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageDecodeError(name, f"{image.shape[1]}x{image.shape[0]} pixels exceeds the limit "
+                                     f"of {max_pixels}")
     return image
 
 
