@@ -74,8 +74,7 @@ class CheckpointSection(_Section):
 
 class EvalConfig(_Section):
     benchmark: str = Field("", description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
-    scales: tuple[float, ...] = (1.0,)
-    max_size: int = Field(0, ge=0, description="downscale longer side to this first (0: no)")
+    scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 
 
 class TrainGlobalConfig(_Section):
