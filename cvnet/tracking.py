@@ -70,3 +70,26 @@ def mlflow_run(
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
+
+
+def register_model(name: str, source: str, run_id: str, alias: str | None = None,
+                   tags: Mapping[str, Any] | None = None) -> str:
+    """Register ``source`` (an artifact URI of run ``run_id``) as a new version of ``name``.
+
+    Works for any artifact folder (no MLmodel needed); ``alias`` (e.g. ``champion``) is moved
+    to the new version when given. Returns the version number.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    version = client.create_model_version(name, source, run_id=run_id,
+                                          tags={k: str(v) for k, v in (tags or {}).items()})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
