@@ -114,8 +114,12 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray cluster with 2 CPUs for the session (started by ``ray.init``)."""
+def ray_local(s3_server):
+    """A local Ray cluster with 2 CPUs for the session (started by ``ray.init``).
+
+    Started after ``s3_server`` so its workers inherit the S3 endpoint and test credentials
+    (a raylet's workers get the environment the raylet started with).
+    """
     import ray
 
     if ray.is_initialized():

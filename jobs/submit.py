@@ -1,0 +1,129 @@
+"""``cvnet submit <job> <job args...> --address URL [--wait]``: run any cvnet job on a Ray cluster.
+
+The job goes through the Ray Jobs API: the working directory (this checkout, without ``.venv``,
+``.git`` and the local store) is uploaded, the entrypoint is ``python -m jobs.<job> <args>``, and
+the endpoint / tracking variables of this shell are forwarded (never credentials: the cluster's
+nodes resolve those from their own AWS chain). The submission id is derived from the job and
+its arguments, so submitting the same job twice does not run it twice: a running or finished
+job is reused; a failed or stopped one is replaced (the jobs resume from their commits).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from jobs.cli import COMMANDS, entrypoint
+
+HELP = "submit any cvnet job to a Ray cluster through the Ray Jobs API"
+
+ROOT = Path(__file__).resolve().parent.parent
+UPLOAD_EXCLUDES = [".venv/", ".git/", "cvnet-store/", "tmp/", "bench/results/", "**/__pycache__/",
+                   "*.egg-info/", ".pytest_cache/"]
+TERMINAL_OK = "SUCCEEDED"
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="dashboard URL of the cluster (default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS)")
+    parser.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's status")
+    parser.add_argument("--submission-id", default=None, help="override the deterministic id")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for the job (AWS_ENDPOINT_URL)")
+    parser.add_argument("--working-dir", default=str(ROOT), help="folder uploaded as the job's working dir")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", choices=[name for name in COMMANDS if name != "submit"])
+    parser.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments of the job")
+    _options(parser)
+
+
+def split_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Take this command's own options out of the job's arguments (they may come after ``job``)."""
+    own = argparse.ArgumentParser(add_help=False)
+    _options(own)
+    defaults = {k: getattr(args, k) for k in ("address", "wait", "submission_id", "endpoint_url",
+                                               "working_dir")}
+    own.set_defaults(**defaults)
+    parsed, rest = own.parse_known_args(args.job_args)
+    parsed.job, parsed.job_args = args.job, rest
+    return parsed
+
+
+def submission_id(job: str, job_args: list[str]) -> str:
+    """A deterministic id for a job and its arguments (``cvnet-extract-1a2b3c4d5e6f``)."""
+    digest = hashlib.sha256(json.dumps([job, job_args]).encode()).hexdigest()[:12]
+    return f"cvnet-{job}-{digest}"
+
+
+def runtime_env(working_dir: str, endpoint_url: str | None) -> dict:
+    """Working dir upload (without local-only folders) and the forwarded environment."""
+    from pipelines.ray_runtime import worker_env
+
+    env = worker_env()
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = endpoint_url
+    return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": env}
+
+
+def _follow(client, job_id: str) -> None:
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def _wait_terminal(client, job_id: str) -> str:
+    import time
+
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(1.0)
+    return str(status.value)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    from cvnet.storage import redact
+
+    log = logging.getLogger("cvnet.submit")
+    opts = split_args(args)
+    address = opts.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SystemExit("cvnet submit: no cluster address (--address or RAY_ADDRESS)")
+    job_id = opts.submission_id or submission_id(opts.job, opts.job_args)
+    client = JobSubmissionClient(address)
+    existing = {job.submission_id: job for job in client.list_jobs() if job.submission_id}
+    if job_id in existing and existing[job_id].status.is_terminal() \
+            and existing[job_id].status.value != TERMINAL_OK:
+        log.info("job %s ended %s before; replacing it", job_id, existing[job_id].status.value)
+        client.delete_job(job_id)
+        existing.pop(job_id)
+    if job_id in existing:
+        log.info("job %s exists (%s); not submitting again", job_id, existing[job_id].status.value)
+    else:
+        command = shlex.join(["python", "-m", COMMANDS[opts.job], *opts.job_args])
+        client.submit_job(entrypoint=command, submission_id=job_id,
+                          runtime_env=runtime_env(opts.working_dir, opts.endpoint_url))
+        log.info("submitted %s: %s", job_id, redact(command))
+    print(job_id)
+    if not opts.wait:
+        return 0
+    _follow(client, job_id)
+    status = _wait_terminal(client, job_id)
+    log.info("job %s finished: %s", job_id, status)
+    return 0 if status == TERMINAL_OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint(__name__))
