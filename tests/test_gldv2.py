@@ -12,7 +12,8 @@ import pytest
 
 from cvnet.data import manifest as manifest_mod
 from cvnet.data.gldv2 import (
-    GLDv2FormatError, ShardChecksumError, gldv2_manifest, member_name, read_gldv2_csv,
+    CSV_SPECS, GLDv2FormatError, ShardChecksumError, gldv2_manifest, member_name, parse_gldv2_csv,
+    read_gldv2_csv,
 )
 from cvnet.data.manifest import (
     MANIFEST_SCHEMA, ImageReadError, ManifestError, clear_tar_cache, read_image_bytes,
@@ -82,6 +83,15 @@ def test_csvs_read_into_typed_tables(gldv2_root):
     solution = read_gldv2_csv(str(root / "retrieval_solution_v2.1.csv"))
     assert solution["images"].to_pylist() == [["aaa0000000000001", "bbb0000000000002"], None]
     assert solution["Usage"].to_pylist() == ["Public", "Ignored"]
+
+
+def test_fast_and_row_by_row_parsers_agree(gldv2_root):
+    root, _ = gldv2_root
+    for name in CSV_SPECS:
+        path = str(root / name)
+        with open(path, newline="") as stream:
+            slow = parse_gldv2_csv(stream, path, CSV_SPECS[name])
+        assert read_gldv2_csv(path).equals(slow), name
 
 
 @pytest.mark.parametrize("text, expected", [
