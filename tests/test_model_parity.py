@@ -138,3 +138,26 @@ def test_r101_loads_synthetic_weights_strictly_and_runs():
     assert desc.shape == (1, 2048) and np.isfinite(desc).all()
     assert abs(float(np.linalg.norm(desc[0])) - 1.0) < 1e-5
     assert model.feature_map(image).shape == (1024, 3, 3)
+
+
+def test_bf16_is_opt_in_and_close(model, images, golden):
+    desc = model.global_descriptor([images["a"], images["b"]], scales=(1.0,), precision="bf16")
+    assert desc.dtype == np.float32
+    between_images = np.abs(golden["global_a_scale1"] - golden["global_b_scale1"]).max()
+    for row, name in zip(desc, ["a", "b"]):
+        error = np.abs(row - golden[f"global_{name}_scale1"]).max()
+        assert error < 2e-3 and error < 0.1 * between_images, name
+    with pytest.raises(ValueError, match="precision"):
+        model.global_descriptor([images["a"]], precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_matches_reference(images, golden):
+    """The same checks as the CPU tests above, on CUDA (TF32 must stay off for fp32)."""
+    model = cvnet.load_model(synthetic_state_dict("r50", seed=0), device="cuda")
+    desc = model.global_descriptor(list(images.values()))
+    for row, name in zip(desc, images):
+        assert np.abs(row - golden[f"global_{name}"]).max() <= DESC_TOL, name
+    ref = golden["featmap_a"]
+    assert np.abs(model.feature_map(images["a"]) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

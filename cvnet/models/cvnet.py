@@ -3,7 +3,8 @@
 ``encoder_q`` is the global network (:class:`GlobalNet`), ``conv2ds`` the three per-scale
 Conv2d(1024, 256) of the re-ranking pyramid and ``cv_learner`` the correlation verifier.
 The inference methods take HxWx3 uint8 BGR arrays (as ``cv2.imread`` returns them) and run
-in eval mode without gradients, restoring the previous mode afterwards.
+in eval mode without gradients, restoring the previous mode afterwards. The default fp32 is
+exact (TF32 convolutions off on CUDA); ``precision="bf16"`` (autocast) is an opt-in fast path.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from cvnet.models.global_net import DEFAULT_SCALES, GlobalNet, check_image, multiscale_descriptors, to_batch
 from cvnet.models.rerank import CVLearner, RerankFeatures, compute_rerank_features, make_conv2ds
+from cvnet.models.rerank import _precision_context as precision_context
 from cvnet.models.rerank import match_probability as rerank_match_probability
 
 
@@ -37,19 +39,22 @@ class CVNet(nn.Module):
         return next(self.parameters()).device
 
     @contextmanager
-    def _inference(self) -> Iterator[None]:
+    def _inference(self, precision: str = "fp32") -> Iterator[None]:
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), precision_context(self.device, precision):
                 yield
         finally:
             self.train(was_training)
 
     def global_descriptor(self, images: Sequence[np.ndarray], scales: Sequence[float] = DEFAULT_SCALES,
-                          batch_size: int = 8) -> np.ndarray:
-        """(N, 2048) float32 multi-scale descriptors, rows L2-normalised, of BGR uint8 images."""
-        with self._inference():
+                          batch_size: int = 8, precision: str = "fp32") -> np.ndarray:
+        """(N, 2048) float32 multi-scale descriptors, rows L2-normalised, of BGR uint8 images.
+
+        ``precision``: ``"fp32"`` (exact) or ``"bf16"`` (autocast, approximate).
+        """
+        with self._inference(precision):
             return multiscale_descriptors(self.encoder_q, images, scales, batch_size)
 
     def feature_map_tensor(self, image: np.ndarray) -> torch.Tensor:
