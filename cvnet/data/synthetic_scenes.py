@@ -313,17 +313,19 @@ def _homography(lm_shape: tuple[int, int], photo: tuple[int, int], p: ViewParams
 
 
 def _light(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Lighting and colour change: channel gains, gamma, a shading gradient, sensor noise."""
+    """Lighting and colour change: gamma, channel gains, a shading gradient, sensor noise."""
     h, w = img.shape[:2]
-    x = img.astype(np.float32) / 255.0
-    x = x ** rng.uniform(0.7, 1.4)
+    levels = (np.arange(256, dtype=np.float32) / 255.0) ** rng.uniform(0.7, 1.4)
     gains = rng.uniform(0.75, 1.25, size=3) * rng.uniform(0.6, 1.2)
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    ramp = ((xx / w - 0.5) * np.cos(angle) + (yy / h - 0.5) * np.sin(angle)) * rng.uniform(0, 0.6)
-    x = x * gains * (1.0 + ramp)[..., None] + rng.uniform(-0.08, 0.08)
-    x += rng.normal(0, rng.uniform(0.005, 0.03), size=x.shape).astype(np.float32)
-    out = np.clip(x * 255.0, 0, 255).astype(np.uint8)
+    lut = np.clip((levels[:, None] * gains + rng.uniform(-0.08, 0.08)) * 255.0, 0, 255)
+    x = cv2.LUT(img, lut.astype(np.uint8).reshape(256, 1, 3)).astype(np.float32)
+    angle, depth = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
+    ramp = (1.0 + depth * np.cos(angle) * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+            + depth * np.sin(angle) * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None])
+    x *= ramp[..., None]
+    noise = np.frombuffer(rng.bytes(x.size), np.uint8).reshape(x.shape).astype(np.float32)
+    x += (noise - 127.5) * np.float32(rng.uniform(1.5, 12.0) / 127.5)  # uniform sensor noise
+    out = np.clip(x, 0, 255).astype(np.uint8)
     if rng.uniform() < 0.3:
         out = cv2.GaussianBlur(out, (3, 3), 0)
     return out
