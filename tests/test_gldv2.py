@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import cv2
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -139,6 +140,8 @@ def test_manifests_of_every_split(gldv2_root, layout):
         for image_id, uri in zip(table["image_id"].to_pylist(), table["uri"].to_pylist()):
             assert uri.startswith("tar://") == (layout == "tar")
             assert read_image_bytes(uri) == blobs[image_id]
+        with fsspec.open(uri, "rb") as f:  # the URIs are plain fsspec (chained) URLs too
+            assert f.read() == blobs[image_id]
 
 
 def test_tar_members_read_without_rescanning(gldv2_root, monkeypatch):
@@ -181,6 +184,11 @@ def test_read_errors_name_the_uri(gldv2_root):
         read_image_bytes(member)
     with pytest.raises(ImageReadError, match="shard not found"):
         read_image_bytes(tar_member_uri(str(root / "absent.tar"), "x.jpg"))
+    shard = (root / "train" / "images_000.tar").read_bytes()
+    broken = root / "broken.tar"
+    broken.write_bytes(shard[: len(shard) // 2])  # a shard cut short by an interrupted copy
+    with pytest.raises(ImageReadError, match="broken.tar: not a readable uncompressed tar"):
+        read_image_bytes(tar_member_uri(str(broken), member_name(list(TRAIN)[0])))
 
 
 def test_manifest_roundtrip_and_validation(gldv2_root, workdir):
