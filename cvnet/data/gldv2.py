@@ -314,10 +314,10 @@ def index_shard(tar_uri: str, expected_md5: str | None = None) -> dict[str, tupl
     fs, path = filesystem(tar_uri)
     with fs.open(path, "rb") as f:
         if expected_md5 is None:
-            index = {n: (o, s) for n, o, s in scan_tar(f, tar_uri)}
+            index = scan_tar(f, tar_uri, fs.size(path))
         else:
             reader = _HashingReader(f)
-            index = {n: (o, s) for n, o, s in scan_tar(io.BufferedReader(reader), tar_uri, stream=True)}
+            index = scan_tar(io.BufferedReader(reader), tar_uri, fs.size(path), stream=True)
             actual = reader.drain()
             if actual != expected_md5:
                 raise ShardChecksumError(tar_uri, expected_md5, actual)

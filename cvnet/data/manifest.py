@@ -15,7 +15,6 @@ import os
 import tarfile
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -138,19 +137,27 @@ _TAR_INDEXES: dict[str, TarIndex] = {}
 _TAR_LOCK = threading.Lock()
 
 
-def scan_tar(fileobj: BinaryIO, uri: str, stream: bool = False) -> Iterator[tuple[str, int, int]]:
-    """Yield ``(member, data offset, size)`` for each regular file of an uncompressed tar.
+def scan_tar(fileobj: BinaryIO, uri: str, size: int, stream: bool = False) -> TarIndex:
+    """The member index of an uncompressed tar of ``size`` bytes, refusing a truncated one.
 
     ``stream=False`` seeks over member data (reads headers only); ``stream=True`` reads the
-    file front to back, for callers that hash every byte.
+    file front to back, for callers that hash every byte. A complete tar ends with two zero
+    blocks after its last member, so a shard cut short anywhere is detected.
     """
+    index: TarIndex = {}
+    end = 0
     try:
         with tarfile.open(fileobj=fileobj, mode="r|" if stream else "r:") as tar:
             for info in tar:
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if info.isfile():
-                    yield info.name, info.offset_data, info.size
+                    index[info.name] = (info.offset_data, info.size)
     except tarfile.TarError as exc:
         raise ImageReadError(uri, f"not a readable uncompressed tar: {exc}") from exc
+    if size < end + 2 * tarfile.BLOCKSIZE:
+        raise ImageReadError(uri, f"truncated tar shard: {size} bytes, its members and end "
+                                  f"marker need {end + 2 * tarfile.BLOCKSIZE}")
+    return index
 
 
 def cache_tar_index(tar_uri: str, index: TarIndex) -> None:
@@ -168,7 +175,7 @@ def tar_index(tar_uri: str) -> TarIndex:
     fs, path = filesystem(tar_uri)
     try:
         with fs.open(path, "rb") as f:
-            index = {name: (offset, size) for name, offset, size in scan_tar(f, tar_uri)}
+            index = scan_tar(f, tar_uri, fs.size(path))
     except FileNotFoundError as exc:
         raise ImageReadError(tar_uri, "tar shard not found") from exc
     cache_tar_index(tar_uri, index)
