@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cvnet.data.manifest import (
-    MANIFEST_SCHEMA, cache_tar_index, scan_tar, tar_member_uri,
+    MANIFEST_SCHEMA, TarIndex, cache_tar_index, scan_tar, tar_index, tar_member_uri,
 )
 from cvnet.storage import filesystem, join
 
@@ -297,7 +297,7 @@ class _HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         data = self.raw.read(len(buffer))
         buffer[: len(data)] = data
         self.md5.update(data)
@@ -309,18 +309,20 @@ class _HashingReader(io.RawIOBase):
         return self.md5.hexdigest()
 
 
-def index_shard(tar_uri: str, expected_md5: str | None = None) -> dict[str, tuple[int, int]]:
-    """Index one shard's members (cached for :func:`read_image_bytes`), checking its md5."""
+def index_shard(tar_uri: str, expected_md5: str | None = None) -> TarIndex:
+    """Index one shard's members (cached for :func:`read_image_bytes`), checking its md5.
+
+    With an md5 the shard is read once, front to back, for both the index and the hash.
+    """
+    if expected_md5 is None:
+        return tar_index(tar_uri)
     fs, path = filesystem(tar_uri)
     with fs.open(path, "rb") as f:
-        if expected_md5 is None:
-            index = scan_tar(f, tar_uri, fs.size(path))
-        else:
-            reader = _HashingReader(f)
-            index = scan_tar(io.BufferedReader(reader), tar_uri, fs.size(path), stream=True)
-            actual = reader.drain()
-            if actual != expected_md5:
-                raise ShardChecksumError(tar_uri, expected_md5, actual)
+        reader = _HashingReader(f)
+        index = scan_tar(io.BufferedReader(reader), tar_uri, fs.size(path), stream=True)
+        actual = reader.drain()
+    if actual != expected_md5:
+        raise ShardChecksumError(tar_uri, expected_md5, actual)
     cache_tar_index(tar_uri, index)
     return index
 
