@@ -154,6 +154,11 @@ def test_tar_members_read_without_rescanning(gldv2_root, monkeypatch):
     for image_id in ids:
         assert read_image_bytes(tar_member_uri(shard, member_name(image_id))) == blobs[image_id]
     assert calls == [shard]
+    monkeypatch.setattr(manifest_mod, "TAR_CACHE_SHARDS", 1)  # a second shard evicts the first
+    other = str(root / "train" / "images_001.tar")
+    read_image_bytes(tar_member_uri(other, member_name(list(TRAIN)[1])))
+    read_image_bytes(tar_member_uri(shard, member_name(ids[0])))
+    assert calls == [shard, other, shard]
 
 
 def test_shard_md5_mismatch_is_refused(gldv2_root):
@@ -203,6 +208,10 @@ def test_manifest_roundtrip_and_validation(gldv2_root, workdir):
     write_manifest(table, out)
     assert read_manifest(out).equals(table)
     assert [p.name for p in (workdir / "out").iterdir()] == ["manifest.parquet"]  # no temp left
+    folder = workdir / "shards"  # a folder of Parquet shards reads as one manifest
+    write_manifest(table.slice(0, 1), str(folder / "part-0.parquet"))
+    write_manifest(table.slice(1), str(folder / "part-1.parquet"))
+    assert read_manifest(str(folder)).sort_by("image_id").equals(table.sort_by("image_id"))
     csv_path = workdir / "m.csv"
     csv_path.write_text("image_id,uri,landmark_id,split\na,/x/a.jpg,3,train\nb,/x/b.jpg,,train\n")
     assert read_manifest(str(csv_path))["landmark_id"].to_pylist() == [3, None]

@@ -6,8 +6,9 @@ of an uncompressed tar shard, written as the fsspec chained URL
     tar://<member>::<tar uri>        e.g. ``tar://0/1/2/012abc.jpg::s3://bucket/train/images_000.tar``
 
 Tar members are read with one ranged read each: the shard's member index (name -> data offset
-and size) is built once per process from the tar headers (:func:`tar_index`) and cached, so
-reading N members of one shard never rescans it and never extracts the whole tar.
+and size) is built once per process from the tar headers (:func:`tar_index`) and cached (the
+``TAR_CACHE_SHARDS`` most recently used shards), so reading N members of one shard never
+rescans it and never extracts the whole tar.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import tarfile
 import threading
 import uuid
+from collections import OrderedDict
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -133,7 +135,10 @@ def write_manifest(table: pa.Table, uri: str) -> None:
 # ---- tar shards -----------------------------------------------------------------------------
 
 TarIndex = dict[str, tuple[int, int]]  # member name -> (data offset, size)
-_TAR_INDEXES: dict[str, TarIndex] = {}
+# Most recently used shard indexes kept per process (a GLDv2 train shard has ~8k members,
+# about 1-2 MB of index; readers usually walk a manifest shard by shard).
+TAR_CACHE_SHARDS = 64
+_TAR_INDEXES: OrderedDict[str, TarIndex] = OrderedDict()
 _TAR_LOCK = threading.Lock()
 
 
@@ -161,17 +166,21 @@ def scan_tar(fileobj: BinaryIO, uri: str, size: int, stream: bool = False) -> Ta
 
 
 def cache_tar_index(tar_uri: str, index: TarIndex) -> None:
-    """Remember a shard's member index for this process."""
+    """Remember a shard's member index for this process (the least recently used goes)."""
     with _TAR_LOCK:
         _TAR_INDEXES[tar_uri] = index
+        _TAR_INDEXES.move_to_end(tar_uri)
+        while len(_TAR_INDEXES) > TAR_CACHE_SHARDS:
+            _TAR_INDEXES.popitem(last=False)
 
 
 def tar_index(tar_uri: str) -> TarIndex:
     """The member index of a tar shard, from the per-process cache or by scanning its headers."""
     with _TAR_LOCK:
         cached = _TAR_INDEXES.get(tar_uri)
-    if cached is not None:
-        return cached
+        if cached is not None:
+            _TAR_INDEXES.move_to_end(tar_uri)
+            return cached
     fs, path = filesystem(tar_uri)
     try:
         with fs.open(path, "rb") as f:
