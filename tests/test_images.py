@@ -82,7 +82,7 @@ def test_empty_and_garbage_bytes():
         decode_image(b"", "e.jpg")
     with pytest.raises(ImageDecodeError, match="g.jpg: not a decodable image"):
         decode_image(b"<html>404</html>", "g.jpg")
-    with pytest.raises(ImageDecodeError, match="h.jpg: corrupt JPEG: no frame header"):
+    with pytest.raises(ImageDecodeError, match="h.jpg: corrupt JPEG: no readable image size"):
         decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "h.jpg")
 
 
@@ -119,6 +119,22 @@ def test_decompression_bombs_are_refused_from_the_header():
     png[16:24] = struct.pack(">II", 60000, 60000)  # header claims 3.6 gigapixels
     with pytest.raises(ImageDecodeError, match="60000x60000 .* exceeds"):
         decode_image(bytes(png), "bomb.png")
+    gif = b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\xf7\x00\x00" + b"\x00" * 64
+    with pytest.raises(ImageDecodeError, match="bomb.gif: 65535x65535 .* exceeds"):
+        decode_image(gif, "bomb.gif")
+
+
+@pytest.mark.parametrize("ext, params, kind", [
+    (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80], "webp"),    # lossy VP8
+    (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], "webp"),   # lossless VP8L
+    (".bmp", [], "bmp"), (".png", [], "png"), (".jpg", [], "jpeg")])
+def test_header_sizes_of_other_formats(ext, params, kind):
+    picture = _picture(37, 53)
+    data = cv2.imencode(ext, picture, params)[1].tobytes()
+    assert image_size(data) == (kind, (53, 37))
+    assert decode_image(data, f"x{ext}").shape == (37, 53, 3)
+    with pytest.raises(ImageDecodeError, match=f"x{ext}: 53x37 = 1961 pixels exceeds"):
+        decode_image(data, f"x{ext}", max_pixels=1000)
 
 
 def test_corrupted_bytes_never_crash_the_caller():

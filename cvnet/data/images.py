@@ -55,12 +55,36 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return (int.from_bytes(data[26:28], "little") & 0x3FFF,
+                int.from_bytes(data[28:30], "little") & 0x3FFF)
+    if chunk == b"VP8L" and data[20:21] == b"\x2f":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
 def image_size(data: bytes) -> tuple[str, tuple[int, int] | None]:
-    """The format (``jpeg``, ``png`` or ``other``) and ``(width, height)`` read from the header."""
+    """The format and ``(width, height)`` read from the header (``None`` when not found).
+
+    Formats: ``jpeg``, ``png``, ``webp``, ``gif``, ``bmp``; anything else is ``other``.
+    """
     if data.startswith(_JPEG_MAGIC):
         return "jpeg", _jpeg_size(data)
-    if data.startswith(_PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
-        return "png", (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+    if data.startswith(_PNG_MAGIC):
+        ok = len(data) >= 24 and data[12:16] == b"IHDR"
+        return "png", (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if ok else None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", _webp_size(data) if len(data) >= 30 else None
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return "gif", (int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little"))
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "bmp", (abs(int.from_bytes(data[18:22], "little", signed=True)),
+                       abs(int.from_bytes(data[22:26], "little", signed=True)))
     return "other", None
 
 
@@ -81,14 +105,16 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
 
     The format is taken from the bytes, not the name; grayscale and CMYK images come out as
     BGR and the EXIF orientation is applied (OpenCV's ``IMREAD_COLOR``). Empty, truncated or
-    undecodable data and images over ``max_pixels`` (checked from the header, before any pixel
-    is decoded) raise :class:`ImageDecodeError` naming ``name``.
+    undecodable data and images over ``max_pixels`` raise :class:`ImageDecodeError` naming
+    ``name``. The pixel limit is checked from the header, before any pixel is decoded, for
+    JPEG, PNG, WebP, GIF and BMP; other formats (TIFF, ...) are checked after decoding, within
+    OpenCV's own limit (``OPENCV_IO_MAX_IMAGE_PIXELS``).
     """
     if not data:
         raise ImageDecodeError(name, "empty file")
     kind, size = image_size(data)
-    if kind == "jpeg" and size is None:
-        raise ImageDecodeError(name, "corrupt JPEG: no frame header")
+    if kind != "other" and size is None:
+        raise ImageDecodeError(name, f"corrupt {kind.upper()}: no readable image size in the header")
     if size is not None:
         width, height = size
         if width <= 0 or height <= 0:
