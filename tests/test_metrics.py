@@ -9,7 +9,7 @@ import pytest
 from cvnet.data.gldv2 import read_gldv2_csv
 from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, protocol_sets
 from cvnet.eval.gldv2 import average_precision_at_k, map_at_100, per_query_ap
-from cvnet.eval.revisitop import evaluate, evaluate_per_query
+from cvnet.eval.revisitop import evaluate, evaluate_per_query, format_results
 
 REVISITOP = Path(__file__).parent / "fixtures" / "revisitop"
 KS = (1, 5, 10)
@@ -92,11 +92,13 @@ def test_perfect_ranking_scores_one():
     results = evaluate(ranks, HAND_GND)
     assert results["medium"]["map"] == pytest.approx(1.0)
     assert results["medium"]["mp@1"] == pytest.approx(1.0)
+    assert "medium map=100.00  mp@1=100.00" in format_results(results)
 
 
 def test_truncated_list_without_positives_scores_zero():
-    # top-3 lists; query 0 has no positive in its list, query 1 has one of its two
-    ranks = np.array([[0, 3], [4, 9], [6, 8]])
+    # top-3 lists; query 0 has no positive in its list, query 1 has one of its two;
+    # 10_000 is a distractor index beyond the database (as with R1M appended)
+    ranks = np.array([[0, 3], [4, 9], [10_000, 8]])
     per_query = evaluate_per_query(ranks, HAND_GND)
     assert per_query["medium"]["ap"][0] == 0.0
     assert [per_query["medium"][f"p@{k}"][0] for k in KS] == [0.0, 0.0, 0.0]

@@ -12,6 +12,9 @@ Truncated rankings (top-K only): positives that are not in the list count in ``n
 so ``kq = k`` as soon as one positive is missing, and a query with no positive in the list
 scores P@k = 0 (the reference crashes there). Both are exact whenever the junk-free list holds
 at least k images, and lower bounds otherwise.
+
+Database indices beyond the ground truth's ``imlist`` (e.g. R1M distractors appended after the
+database) are valid in a ranking and never positive or junk.
 """
 from __future__ import annotations
 
