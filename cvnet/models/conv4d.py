@@ -43,22 +43,53 @@ class CenterPivotConv4d(nn.Module):
         """Convolve from the two strided slices of the input.
 
         ``key_sub``: (B, C, hq, wq, hk', wk'), the input at strided key positions (for conv1);
-        ``query_sub``: (B, C, hq', wq', hk, wk), the input at strided query positions (conv2).
+        ``query_sub``: (B, C, hq', wq', hk, wk), at strided query positions (for conv2). Any
+        memory layout works; the result (B, O, hq', wq', hk', wk') has channels innermost in
+        memory, which makes the next layer's conv inputs channels-last views.
         """
-        b, c, hq, wq, hk_s, wk_s = key_sub.shape
-        x1 = key_sub.permute(0, 4, 5, 1, 2, 3).reshape(b * hk_s * wk_s, c, hq, wq)
-        y1 = self.conv1(x1)
-        o, ohq, owq = y1.shape[1:]
-        y1 = y1.view(b, hk_s, wk_s, o, ohq, owq).permute(0, 3, 4, 5, 1, 2)
-
-        _, _, hq_s, wq_s, hk, wk = query_sub.shape
-        x2 = query_sub.permute(0, 2, 3, 1, 4, 5).reshape(b * hq_s * wq_s, c, hk, wk)
-        y2 = self.conv2(x2)
-        ohk, owk = y2.shape[2:]
-        y2 = y2.view(b, hq_s, wq_s, o, ohk, owk).permute(0, 3, 1, 2, 4, 5)
+        b, _, _, _, hk_s, wk_s = key_sub.shape
+        hq_s, wq_s = query_sub.shape[2:4]
+        y1 = self.conv1(_conv_batch(key_sub.permute(0, 4, 5, 1, 2, 3)))
+        y2 = self.conv2(_conv_batch(query_sub.permute(0, 2, 3, 1, 4, 5)))
+        y1 = y1.unflatten(0, (b, hk_s, wk_s)).permute(0, 4, 5, 1, 2, 3)  # (B, hq', wq', hk', wk', O)
+        y2 = y2.unflatten(0, (b, hq_s, wq_s)).permute(0, 1, 2, 4, 5, 3)
         if y1.shape != y2.shape:
             raise ValueError(
-                f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, "
-                f"conv2 gives {tuple(y2.shape)}"
+                f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {tuple(y2.shape)}"
             )
-        return (y1 + y2).contiguous()
+        out = torch.add(y1, y2, out=torch.empty(y1.shape, dtype=y1.dtype, device=y1.device))
+        return out.permute(0, 5, 1, 2, 3, 4)
+
+
+def _conv_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, p, q, C, h, w) -> a (B*p*q, C, h, w) conv batch without a copy when it is NCHW already,
+    else copied to channels-last memory (the layout oneDNN convs run fastest)."""
+    b, p, q, c, h, w = x.shape
+    if x.is_contiguous():
+        return x.reshape(b * p * q, c, h, w)
+    return x.permute(0, 1, 2, 4, 5, 3).reshape(b * p * q, h, w, c).permute(0, 3, 1, 2)
+
+
+class GroupNorm4d(nn.GroupNorm):
+    """``nn.GroupNorm`` for (B, C, *) tensors in any memory layout; keeps channels innermost.
+
+    Same parameters and state-dict names as ``nn.GroupNorm``; avoids the contiguous copy that
+    ``nn.GroupNorm`` makes of channel-innermost 4D correlation tensors.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        groups = self.num_groups
+        channels_last = x.movedim(1, -1)
+        # per-channel statistics (one reduction), combined into group statistics exactly
+        var_c, mean_c = torch.var_mean(channels_last.reshape(b, -1, c), dim=1, unbiased=False)
+        mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
+        mean_g = mean_c.mean(-1, keepdim=True)
+        var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)
+        scale = torch.rsqrt(var_g + self.eps) * self.weight.view(groups, -1)
+        shift = self.bias.view(groups, -1) - mean_g * scale
+        # tile over the innermost spatial dim so the elementwise pass runs on long rows
+        tile = channels_last.shape[-2]
+        rows = channels_last.reshape(b, -1, tile * c)
+        out = torch.addcmul(shift.view(b, 1, c).repeat(1, 1, tile), rows, scale.view(b, 1, c).repeat(1, 1, tile))
+        return out.view(channels_last.shape).movedim(-1, 1)

@@ -103,20 +103,25 @@ def correlation_slices(
     ``query_full``: (S, C, hq, wq), one query's upsampled levels; ``keys_full``: (B, S, C, hk, wk),
     B keys of one size. Returns ``key_sub`` (B, 9, hq, wq, hk', wk'), the correlation at key
     positions 0, stride, ... (conv1's input), and ``query_sub`` (B, 9, hq', wq', hk, wk), at query
-    positions 0, stride, ... (conv2's input); both are views whose memory is laid out the way
-    the convs consume them.
+    positions 0, stride, ... (conv2's input). Each is one matmul whose result is already the
+    NCHW batch its conv reads (memory (B, hk', wk', 9, hq, wq) and (B, hq', wq', 9, hk, wk)).
     """
     s, c, hq, wq = query_full.shape
     b, _, _, hk, wk = keys_full.shape
     keys_sub = keys_full[..., ::stride, ::stride]
     hk_s, wk_s = keys_sub.shape[-2:]
-    # (B, hk', wk', i, j, hq*wq): conv1 runs over the query dims at each strided key position
-    key_sub = torch.einsum("bjcn,icp->bnijp", keys_sub.reshape(b, s, c, -1), query_full.reshape(s, c, -1))
-    key_sub = key_sub.clamp_(min=0).reshape(b, hk_s, wk_s, s * s, hq, wq).permute(0, 3, 4, 5, 1, 2)
+    queries_sub = query_full[..., ::stride, ::stride]
+    hq_s, wq_s = queries_sub.shape[-2:]
 
-    query_sub_maps = query_full[..., ::stride, ::stride]
-    hq_s, wq_s = query_sub_maps.shape[-2:]
-    # (B, hq', wq', i, j, hk*wk): conv2 runs over the key dims at each strided query position
-    query_sub = torch.einsum("icn,bjcp->bnijp", query_sub_maps.reshape(s, c, -1), keys_full.reshape(b, s, c, -1))
-    query_sub = query_sub.clamp_(min=0).reshape(b, hq_s, wq_s, s * s, hk, wk).permute(0, 3, 1, 2, 4, 5)
+    # rows (B, hk', wk', j) x cols (i, hq*wq), then swap i and j in place of the clamp's copy
+    rows = keys_sub.permute(0, 3, 4, 1, 2).reshape(-1, c)
+    cols = query_full.reshape(s, c, -1).transpose(0, 1).reshape(c, -1)
+    key_major = (rows @ cols).view(b, hk_s * wk_s, s, s, hq * wq).transpose(2, 3)
+    key_sub = torch.clamp(key_major, min=0, out=torch.empty(key_major.shape, dtype=key_major.dtype, device=key_major.device))
+    key_sub = key_sub.view(b, hk_s, wk_s, s * s, hq, wq).permute(0, 3, 4, 5, 1, 2)
+
+    # rows (hq', wq', i) x cols (j, hk*wk), batched over the B keys: c = 3 * i + j already
+    rows = queries_sub.permute(2, 3, 0, 1).reshape(1, -1, c).expand(b, -1, -1)
+    cols = keys_full.reshape(b, s, c, -1).transpose(1, 2).reshape(b, c, -1)
+    query_sub = torch.bmm(rows, cols).clamp_(min=0).view(b, hq_s, wq_s, s * s, hk, wk).permute(0, 3, 1, 2, 4, 5)
     return key_sub, query_sub

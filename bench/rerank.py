@@ -1,0 +1,107 @@
+"""Re-ranking speed: reference-structured pairs vs the fast exact path vs bf16, side by side.
+
+(a) reference: per pair, the scale pyramid and its convs, the full 9 x hq x wq x hk x wk
+    correlation, 4D interpolation and full center-pivot convs (the authors' structure);
+(b) fast fp32: per-image RerankFeatures computed once (timed separately, not per pair), then
+    match_probability batched over the candidates of one query;
+(c) fast bf16: (b) under bf16 autocast (approximate; its score error against (a) is printed).
+
+Peak memory is the process's peak RSS growth during the timed call (Linux VmHWM, reset via
+/proc/self/clear_refs). Usage: python bench/rerank.py [--sizes 48x64,32x32] [--candidates 4]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cvnet.models.rerank import (
+    CVLearner,
+    compute_rerank_features,
+    make_conv2ds,
+    match_probability,
+    match_probability_reference,
+)
+from cvnet.models.synthetic_weights import synthetic_state_dict
+
+STATUS = Path("/proc/self/status")
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", STATUS.read_text()).group(1))
+
+
+def measure(fn: Callable[[], object], repeats: int) -> tuple[object, float, float]:
+    """(result, best seconds per call, peak RSS growth in MiB) of ``fn``."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _rss_kib("VmRSS")
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best, (_rss_kib("VmHWM") - base) / 1024
+
+
+def load_weights(seed: int) -> tuple[torch.nn.ModuleList, CVLearner]:
+    state = synthetic_state_dict("r50", seed)
+    conv2ds, learner = make_conv2ds(), CVLearner()
+    conv2ds.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("conv2ds.")})
+    learner.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("cv_learner.")})
+    return conv2ds.eval(), learner.eval()
+
+
+def bench_size(h: int, w: int, args: argparse.Namespace, conv2ds, learner) -> list[tuple]:
+    gen = torch.Generator().manual_seed(h * 1000 + w)
+    maps = [torch.randn(1024, h, w, generator=gen) for _ in range(args.candidates + 1)]
+    query_map, key_maps = maps[0], maps[1:]
+    n_ref = min(args.reference_pairs, len(key_maps))
+
+    ref_scores, ref_s, ref_mem = measure(
+        lambda: np.array([match_probability_reference(learner, conv2ds, query_map, k) for k in key_maps[:n_ref]]), 1
+    )
+    feats, feat_s, _ = measure(lambda: [compute_rerank_features(m, conv2ds) for m in maps], 1)
+    rows = [(f"{h}x{w}", "(a) reference, per pair", ref_s / n_ref, ref_mem, 0.0)]
+    for label, precision in (("(b) fast fp32", "fp32"), ("(c) fast bf16", "bf16")):
+        scores, fast_s, mem = measure(
+            lambda: match_probability(learner, feats[0], feats[1:], args.batch_size, precision), args.repeats
+        )
+        err = float(np.abs(scores[:n_ref] - ref_scores).max())
+        rows.append((f"{h}x{w}", f"{label}, batch {args.batch_size}", fast_s / args.candidates, mem, err))
+    rows.append((f"{h}x{w}", "per-image features (once per image, ms / image)", feat_s / len(maps), None, None))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="48x64,32x32", help="feature-map sizes hxw (both sides of a pair)")
+    parser.add_argument("--candidates", type=int, default=4, help="candidates per query for (b) and (c)")
+    parser.add_argument("--reference-pairs", type=int, default=1, help="pairs timed for (a) (slow)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    conv2ds, learner = load_weights(seed=0)
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.candidates} candidates/query")
+    print("| feature maps | mode | ms / pair | pairs / s | x (a) | peak MiB | max abs score diff vs (a) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for size in args.sizes.split(","):
+        h, w = (int(x) for x in size.split("x"))
+        rows = bench_size(h, w, args, conv2ds, learner)
+        ref_s = rows[0][2]
+        for name, mode, sec, mem, err in rows:
+            tail = "| - | - | - |" if mem is None else f"| {ref_s / sec:.1f} | {mem:.0f} | {err:.1e} |"
+            print(f"| {name} vs {name} | {mode} | {sec * 1e3:.1f} | {1 / sec:.2f} {tail}")
+
+
+if __name__ == "__main__":
+    main()
