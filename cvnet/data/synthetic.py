@@ -29,7 +29,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +142,8 @@ def _database_params(rng: np.random.Generator, j: int) -> ViewParams:
     if regime < 2:
         return _params(rng, (0.0, 0.2), (0.0, 1.0), 2)
     if regime < 4:
-        return _params(rng, (0.3, 0.7), (0.0, 1.0), 3)
-    return _params(rng, (0.75, 1.0), (0.0, 1.0), 3)
+        return _params(rng, (0.5, 0.9), (0.0, 1.0), 3)
+    return _params(rng, (0.85, 1.2), (0.0, 1.0), 3)
 
 
 class _Builder:
@@ -183,6 +183,42 @@ class _Builder:
         return record
 
 
+def _draw_training(b: _Builder, landmarks: int, per_landmark: int,
+                   families: int) -> list[ImageRecord]:
+    """Training views: landmarks 0 .. landmarks-1, ``per_landmark`` views each."""
+    records = []
+    for lm in range(landmarks):
+        landmark = b.landmark(lm, lm % families)
+        records += [b.image("train", lm * per_landmark + j, landmark, _train_params)
+                    for j in range(per_landmark)]
+    return records
+
+
+def _draw_benchmark(b: _Builder, first: int, queries: int, per_query_landmark: int,
+                    per_landmark: int, distractors: int, families: int
+                    ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """Queries, database (shuffled) and extra test images; landmark ids start at ``first``."""
+    bench = math.ceil(queries / per_query_landmark)
+    query_records, db_records = [], []
+    for k in range(bench):
+        landmark = b.landmark(first + k, (first + k) % families)
+        for q in range(k * per_query_landmark, min(queries, (k + 1) * per_query_landmark)):
+            query_records.append(b.image("query", q, landmark, _query_params))
+        db_records += [b.image("database", k * per_landmark + j, landmark, _database_params, j)
+                       for j in range(per_landmark)]
+    confusers = distractors // 2
+    for d in range(distractors):
+        if d < confusers:  # ~3 views each of unlisted landmarks of the benchmark's families
+            c = d % max(1, confusers // 3)
+            landmark = b.landmark(first + bench + c, (first + c % bench) % families)
+            db_records.append(b.image("distractor", d, landmark, _train_params))
+        else:
+            db_records.append(b.image("distractor", d, None, None))
+    test_extra = [b.image("test", t, None, None) for t in range(math.ceil(queries / 2))]
+    order = np.random.default_rng([b.seed, 4]).permutation(len(db_records))
+    return query_records, [db_records[i] for i in order], test_extra
+
+
 def generate(out: str, seed: int = 0, landmarks: int = 100, images_per_landmark: int = 12,
              queries: int = 50, distractors: int = 350, size: int = 256, *,
              name: str = DEFAULT_NAME, queries_per_landmark: int = 5,
@@ -191,45 +227,26 @@ def generate(out: str, seed: int = 0, landmarks: int = 100, images_per_landmark:
 
     The benchmark has ``ceil(queries / queries_per_landmark)`` landmarks, each with
     ``3 * images_per_landmark`` database views, plus ``distractors`` database images (half of
-    them views of unlisted landmarks of the benchmark's families). ``out`` must not exist or be
-    empty; it appears complete or not at all.
+    them views of unlisted landmarks of the benchmark's families) and ``ceil(queries / 2)``
+    GLDv2 test images without a match. ``out`` must not exist or be empty; it appears complete
+    or not at all. Defaults: 1,985 images at 256 px.
     """
-    for key, value, low in (("landmarks", landmarks, 1), ("images_per_landmark", images_per_landmark, 2),
-                            ("queries", queries, 1), ("distractors", distractors, 0),
-                            ("size", size, 64), ("queries_per_landmark", queries_per_landmark, 1)):
-        if value < low:
-            raise ValueError(f"{key} must be >= {low}, got {value}")
-    bench = math.ceil(queries / queries_per_landmark)
-    per_bench = 3 * images_per_landmark
-    confusers = max(1, distractors // 2) if distractors else 0
-    families = max(2, math.ceil((landmarks + bench) / LANDMARKS_PER_FAMILY))
     parameters = {"landmarks": landmarks, "images_per_landmark": images_per_landmark,
                   "queries": queries, "distractors": distractors, "size": size,
                   "queries_per_landmark": queries_per_landmark,
                   "images_per_shard": images_per_shard}
+    lowest = {"images_per_landmark": 2, "distractors": 0, "size": 64}
+    for key, value in parameters.items():
+        if value < lowest.get(key, 1):
+            raise ValueError(f"{key} must be >= {lowest.get(key, 1)}, got {value}")
+    bench = math.ceil(queries / queries_per_landmark)
+    families = max(2, math.ceil((landmarks + bench) / LANDMARKS_PER_FAMILY))
     with staged_folder(out) as root:
         b = _Builder(root, seed, size, families, name)
-        train = [b.image("train", lm * images_per_landmark + j, landmark, _train_params)
-                 for lm in range(landmarks)
-                 for landmark in [b.landmark(lm, lm % families)]
-                 for j in range(images_per_landmark)]
-        query_records, db_records = [], []
-        for k in range(bench):
-            landmark = b.landmark(landmarks + k, (landmarks + k) % families)
-            for q in range(k * queries_per_landmark, min(queries, (k + 1) * queries_per_landmark)):
-                query_records.append(b.image("query", q, landmark, _query_params))
-            db_records += [b.image("database", k * per_bench + j, landmark, _database_params, j)
-                           for j in range(per_bench)]
-        for d in range(distractors):
-            if d < confusers:  # ~3 views each of unlisted landmarks of the benchmark's families
-                c = d % max(1, confusers // 3)
-                landmark = b.landmark(landmarks + bench + c, (landmarks + c % bench) % families)
-                db_records.append(b.image("distractor", d, landmark, _train_params))
-            else:
-                db_records.append(b.image("distractor", d, None, None))
-        test_extra = [b.image("test", t, None, None) for t in range(math.ceil(queries / 2))]
-        order = np.random.default_rng([seed, 4]).permutation(len(db_records))
-        db_records = [db_records[i] for i in order]
+        train = _draw_training(b, landmarks, images_per_landmark, families)
+        query_records, db_records, test_extra = _draw_benchmark(
+            b, landmarks, queries, queries_per_landmark, 3 * images_per_landmark, distractors,
+            families)
         _write_revisitop(root / "revisitop" / name, name, query_records, db_records)
         _write_gldv2(root / "gldv2", train, query_records, db_records, test_extra,
                      b.train_members, images_per_shard)
@@ -240,8 +257,8 @@ def generate(out: str, seed: int = 0, landmarks: int = 100, images_per_landmark:
         summary = SynthSummary(str(out), seed, name, parameters, counts, tuple(b.records))
         write_bytes(root / "synth.json",
                     (json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n").encode())
-        write_csv(root / "synth_images.csv", ["id", "split", "landmark_id", "family", "visible",
-                                               "strength"],
+        write_csv(root / "synth_images.csv",
+                  ["id", "split", "landmark_id", "family", "visible", "strength"],
                   [(r.image_id, r.split, r.landmark_id, r.family, f"{r.visible:.6f}",
                     f"{r.strength:.6f}") for r in b.records])
     log.info("synthetic collection in %s: %s", out, counts)
