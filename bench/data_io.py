@@ -3,6 +3,7 @@
 Everything is generated in a temporary folder (nothing is downloaded). Rows:
 - ``read_gldv2_csv``: rows/s of the validating CSV reader (Arrow path for well-formed files,
   and the row-by-row parser that names bad lines, used when a check fails);
+- ``gldv2_manifest``: CSV to manifest table (ids, landmark ids, folder-layout URIs);
 - ``read_image_bytes folder`` / ``tar (cached index)``: small JPEGs read one by one, the tar
   path with its per-process member index (the one-off index scan is its own row);
 - ``revisitop evaluate``: the real ROxford ground truth, full and top-100 rankings.
@@ -22,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cvnet.data.gldv2 import CSV_SPECS, member_name, parse_gldv2_csv, read_gldv2_csv
+from cvnet.data.gldv2 import CSV_SPECS, gldv2_manifest, member_name, parse_gldv2_csv, read_gldv2_csv
 from cvnet.data.manifest import clear_tar_cache, read_image_bytes, tar_index, tar_member_uri
 from cvnet.data.revisitop import load_ground_truth
 from cvnet.eval.revisitop import evaluate
@@ -55,6 +56,8 @@ def main() -> None:
             with open(csv_path, newline="") as stream:
                 parse_gldv2_csv(stream, str(csv_path), CSV_SPECS["train.csv"])
         rows.append(("parse_gldv2_csv (row by row, error path)", args.rows, timed(row_by_row)))
+        rows.append(("gldv2_manifest train, folder layout", args.rows,
+                     timed(lambda: gldv2_manifest(str(tmp), "train", "folder"))))
 
         ids = [f"{i * 7919:016x}"[::-1] for i in range(args.images)]
         blob = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))[1].tobytes()
