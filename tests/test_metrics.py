@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cvnet.data.gldv2 import read_gldv2_csv
 from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, protocol_sets
-from cvnet.eval.gldv2 import average_precision_at_k, map_at_100, per_query_ap
+from cvnet.eval.gldv2 import average_precision_at_k, map_at_100, per_query_ap, predictions_from_rankings
 from cvnet.eval.revisitop import evaluate, evaluate_per_query, format_results
 
 REVISITOP = Path(__file__).parent / "fixtures" / "revisitop"
@@ -181,6 +182,14 @@ def test_gldv2_map_at_100_hand_made(workdir):
     assert scores == pytest.approx({"Public": (1 / 1 + 2 / 3) / 2 / 2, "Private": 0.5})
     with pytest.raises(KeyError, match="q99"):
         map_at_100({"q99": ["aaa"]}, str(path))
+
+
+def test_gldv2_predictions_from_rankings_table():
+    rankings = pa.table({"query_id": ["q2", "q1", "q1", "q2", "q1"], "rank": [1, 2, 0, 0, 1],
+                         "image_id": ["b", "z", "x", "a", "y"], "score": [0.1] * 5})
+    assert predictions_from_rankings(rankings) == {"q1": ["x", "y", "z"], "q2": ["a", "b"]}
+    with pytest.raises(KeyError, match=r"lacks column\(s\) \['rank'\]"):
+        predictions_from_rankings(rankings.drop_columns(["rank"]))
 
 
 def test_gldv2_ap_cutoff_at_100():

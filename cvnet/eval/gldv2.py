@@ -38,6 +38,19 @@ def average_precision_at_k(predicted: Sequence[str], relevant: set[str], k: int 
     return total / min(len(relevant), k)
 
 
+def predictions_from_rankings(rankings: pa.Table) -> dict[str, list[str]]:
+    """``{query id: index ids best first}`` from a rankings table (``query_id``, ``rank``, ``image_id``)."""
+    missing = [c for c in ("query_id", "rank", "image_id") if c not in rankings.column_names]
+    if missing:
+        raise KeyError(f"rankings table lacks column(s) {missing}; has {rankings.column_names}")
+    ordered = rankings.select(["query_id", "rank", "image_id"]).sort_by([("query_id", "ascending"),
+                                                                          ("rank", "ascending")])
+    out: dict[str, list[str]] = {}
+    for query_id, image_id in zip(ordered["query_id"].to_pylist(), ordered["image_id"].to_pylist()):
+        out.setdefault(query_id, []).append(image_id)
+    return out
+
+
 def _solution_rows(solution: pa.Table | str) -> list[tuple[str, list[str] | None, str]]:
     table = read_gldv2_csv(solution) if isinstance(solution, str) else solution
     return list(zip(*(table.column(c).to_pylist() for c in ("id", "images", "Usage"))))
