@@ -201,6 +201,13 @@ def test_read_errors_name_the_uri(gldv2_root):
             read_image_bytes(tar_member_uri(str(broken), member_name(list(TRAIN)[0])))
 
 
+def test_errors_never_show_credentials_in_uris():
+    uri = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/train/x.jpg"
+    for error in (ImageReadError(uri, "file not found"), ManifestError(uri, "bad"),
+                  GLDv2FormatError(uri, [(3, "bad row")])):
+        assert "wJalrXUtnFEMI" not in str(error) and "bucket/train/x.jpg" in str(error)
+
+
 def test_manifest_roundtrip_and_validation(gldv2_root, workdir):
     root, _ = gldv2_root
     table = gldv2_manifest(str(root), "index")

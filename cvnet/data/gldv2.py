@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 from cvnet.data.manifest import (
     MANIFEST_SCHEMA, TarIndex, cache_tar_index, scan_tar, tar_index, tar_member_uri,
 )
-from cvnet.storage import filesystem, join
+from cvnet.storage import filesystem, join, redact
 
 SPLITS = {"train": "train", "train_clean": "train", "index": "index", "test": "test"}
 LAYOUTS = ("folder", "tar")
@@ -51,7 +51,7 @@ class GLDv2FormatError(ValueError):
         total = len(problems) if total is None else total
         shown = "; ".join(f"line {line}: {reason}" if line else reason for line, reason in problems)
         more = f" (and {total - len(problems)} more)" if total > len(problems) else ""
-        super().__init__(f"{uri}: {shown}{more}")
+        super().__init__(redact(f"{uri}: {shown}{more}"))
         self.uri = uri
         self.problems = problems
         self.total = total

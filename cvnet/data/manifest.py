@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cvnet.storage import filesystem, is_remote
+from cvnet.storage import filesystem, is_remote, redact
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -40,7 +40,7 @@ class ManifestError(ValueError):
     """A manifest file is missing columns, has wrong types or null required values."""
 
     def __init__(self, uri: str, reason: str):
-        super().__init__(f"manifest {uri}: {reason}")
+        super().__init__(redact(f"manifest {uri}: {reason}"))
         self.uri = uri
         self.reason = reason
 
@@ -49,7 +49,7 @@ class ImageReadError(OSError):
     """Image bytes could not be read (missing file, missing or unreadable tar member)."""
 
     def __init__(self, uri: str, reason: str):
-        super().__init__(f"{uri}: {reason}")
+        super().__init__(redact(f"{uri}: {reason}"))
         self.uri = uri
         self.reason = reason
 
