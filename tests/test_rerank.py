@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvnet.models.conv4d import CenterPivotConv4d
+from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
 from cvnet.models.correlation import correlation_4d, correlation_slices, pyramid_sizes, upsample_levels
 from cvnet.models.rerank import (
     CVLearner,
@@ -166,6 +166,20 @@ def test_center_pivot_conv_matches_loop_definition(kernel, stride):
     x = torch.randn(2, 3, 5, 4, 3, 6)  # odd and even sizes exercise ceil(n / stride)
     with torch.no_grad():
         np.testing.assert_allclose(conv(x).numpy(), _naive_center_pivot(conv, x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_innermost", [False, True])
+def test_group_norm4d_matches_nn_group_norm(channels_innermost):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 4, 5, 6) * 3 + 1.5
+    if channels_innermost:
+        x = x.permute(0, 2, 3, 4, 5, 1).contiguous().permute(0, 5, 1, 2, 3, 4)
+    ours, reference = GroupNorm4d(4, 8), torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.0)
+        ours.bias.uniform_(-0.1, 0.1)
+        reference.load_state_dict(ours.state_dict())
+        np.testing.assert_allclose(ours(x).numpy(), reference(x).numpy(), atol=1e-5)
 
 
 def test_rerank_features_round_trip_bytes_exactly(features):

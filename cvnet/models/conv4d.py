@@ -81,15 +81,23 @@ class GroupNorm4d(nn.GroupNorm):
         b, c = x.shape[:2]
         groups = self.num_groups
         channels_last = x.movedim(1, -1)
-        # per-channel statistics (one reduction), combined into group statistics exactly
-        var_c, mean_c = torch.var_mean(channels_last.reshape(b, -1, c), dim=1, unbiased=False)
+        # elementwise passes run on rows tiled over the innermost spatial dim (long rows)
+        tile = channels_last.shape[-2]
+        rows = channels_last.reshape(b, -1, tile * c)
+
+        def tiled(per_channel: torch.Tensor) -> torch.Tensor:
+            return per_channel.reshape(b, 1, c).repeat(1, 1, tile)
+
+        # exact two-pass statistics per channel (mean, then the squares of the centered values
+        # as the diagonal of one small matmul), combined into group statistics
+        mean_c = rows.view(b, -1, c).mean(1)
+        centered = rows - tiled(mean_c)
+        by_channel = centered.view(b, -1, c)
+        var_c = torch.diagonal(torch.bmm(by_channel.transpose(1, 2), by_channel), dim1=1, dim2=2) / by_channel.shape[1]
         mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)
         scale = torch.rsqrt(var_g + self.eps) * self.weight.view(groups, -1)
-        shift = self.bias.view(groups, -1) - mean_g * scale
-        # tile over the innermost spatial dim so the elementwise pass runs on long rows
-        tile = channels_last.shape[-2]
-        rows = channels_last.reshape(b, -1, tile * c)
-        out = torch.addcmul(shift.view(b, 1, c).repeat(1, 1, tile), rows, scale.view(b, 1, c).repeat(1, 1, tile))
+        shift = self.bias.view(groups, -1) + (mean_c - mean_g) * scale
+        out = centered.mul_(tiled(scale)).add_(tiled(shift))
         return out.view(channels_last.shape).movedim(-1, 1)
