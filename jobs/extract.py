@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         fs, path = storage.filesystem(result.commit_uri)
         mlflow.log_text(fs.cat_file(path).decode(), storage.JOB_COMMIT)
         mlflow.log_text(result.stats or "nothing to run: all shards committed", "ds_stats.txt")
-    print(f"extracted {result.images} images ({result.bad_inputs} bad inputs in all, "
+    print(f"processed {result.images} images ({result.bad_inputs} bad inputs in all, "
           f"{result.shards_skipped}/{result.shards} shards already committed) into "
           f"{storage.redact(result.output)} in {result.seconds:.1f} s")
     return 0

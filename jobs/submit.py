@@ -65,6 +65,8 @@ def runtime_env(working_dir: str, endpoint_url: str | None) -> dict:
     from pipelines.ray_runtime import worker_env
 
     env = worker_env()
+    # the job's driver calls init_ray, which sets the same variables again: let Ray merge them
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     if endpoint_url:
         env["AWS_ENDPOINT_URL"] = endpoint_url
     return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": env}
@@ -79,6 +81,21 @@ def _follow(client, job_id: str) -> None:
             sys.stdout.flush()
 
     asyncio.run(tail())
+
+
+def _submit(client, retry_s: float = 60.0, **kwargs) -> None:
+    """``submit_job``, retried while a fresh head's job agent is still starting."""
+    import time
+
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            client.submit_job(**kwargs)
+            return
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _wait_terminal(client, job_id: str) -> str:
@@ -113,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("job %s exists (%s); not submitting again", job_id, existing[job_id].status.value)
     else:
         command = shlex.join(["python", "-m", COMMANDS[opts.job], *opts.job_args])
-        client.submit_job(entrypoint=command, submission_id=job_id,
-                          runtime_env=runtime_env(opts.working_dir, opts.endpoint_url))
+        _submit(client, entrypoint=command, submission_id=job_id,
+                runtime_env=runtime_env(opts.working_dir, opts.endpoint_url))
         log.info("submitted %s: %s", job_id, redact(command))
     print(job_id)
     if not opts.wait:
