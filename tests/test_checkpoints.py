@@ -109,6 +109,8 @@ def test_truncated_file_fails_with_a_clear_error(state, workdir):
 def test_missing_file_is_named(workdir):
     with pytest.raises(CheckpointError, match=r"nope\.pyth: no such file"):
         cvnet.load_model(str(workdir / "nope.pyth"))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        cvnet.load_model(workdir)
 
 
 def test_missing_and_unexpected_keys_are_listed(state):

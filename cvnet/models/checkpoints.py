@@ -65,6 +65,8 @@ def read_checkpoint(uri: str | os.PathLike) -> Any:
             data = f.read()
     except FileNotFoundError:
         raise CheckpointError(name, "no such file") from None
+    except OSError as err:
+        raise CheckpointError(name, f"cannot read ({type(err).__name__}: {err})") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files

@@ -83,11 +83,12 @@ def descriptors_at_scale(net: GlobalNet, images: Sequence[np.ndarray], scale: fl
     others run one by one (batching same-size inputs is exact).
     """
     device = next(net.parameters()).device
+    for i, im in enumerate(images):
+        if round(im.shape[0] * scale) < 1 or round(im.shape[1] * scale) < 1:
+            raise ValueError(f"image {i}: size {im.shape[:2]} is empty after resizing by scale {scale}")
     resized = [resize_for_scale(im, scale) for im in images]
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, im in enumerate(resized):
-        if im.size == 0:
-            raise ValueError(f"image {i}: empty after resizing {images[i].shape[:2]} by scale {scale}")
         groups[im.shape].append(i)
     out = torch.empty((len(images), net.head.fc.out_features), dtype=torch.float32)
     for indices in groups.values():
