@@ -229,7 +229,7 @@ def photo_shape(rng: np.random.Generator, size: int) -> tuple[int, int]:
 
 
 def background(rng: np.random.Generator, h: int, w: int, buildings: int) -> np.ndarray:
-    """Sky over ground with a few generic buildings and trees, HxWx3 uint8."""
+    """Sky over ground with a few hazy distant buildings and trees, HxWx3 uint8."""
     sky_top, sky_low, ground = _colour(rng, 120, 255), _colour(rng, 150, 255), _colour(rng, 40, 160)
     horizon = int(h * rng.uniform(0.5, 0.85))
     t = np.linspace(0.0, 1.0, horizon, dtype=np.float32)[:, None, None]
@@ -245,7 +245,8 @@ def background(rng: np.random.Generator, h: int, w: int, buildings: int) -> np.n
         y0 = max(horizon - bh, 0)
         xs0, xs1 = max(x, 0), min(x + bw, w)
         if xs1 > xs0:
-            img[y0:horizon, xs0:xs1] = tex[bh - (horizon - y0):, xs0 - x:xs1 - x]
+            distant = tex[bh - (horizon - y0):, xs0 - x:xs1 - x]
+            img[y0:horizon, xs0:xs1] = distant * 0.6 + sky_low * 0.4  # haze
     _trees(img, rng, int(rng.integers(0, 4)), horizon)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -292,7 +293,7 @@ def _homography(lm_shape: tuple[int, int], photo: tuple[int, int], p: ViewParams
     """Canonical canvas -> photo: scale, shift out of frame, rotation, perspective."""
     lh, lw = lm_shape
     h, w = photo
-    width = min(w, h * lw / lh) * 0.72 * p.zoom
+    width = min(w, h * lw / lh) * 0.8 * p.zoom
     height = width * lh / lw
     cx = w / 2 + p.shift * width * np.cos(p.direction) + rng.uniform(-0.08, 0.08) * w
     cy = h / 2 + p.shift * height * np.sin(p.direction) + rng.uniform(-0.08, 0.08) * h
@@ -315,8 +316,8 @@ def _homography(lm_shape: tuple[int, int], photo: tuple[int, int], p: ViewParams
 def _light(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Lighting and colour change: gamma, channel gains, a shading gradient, sensor noise."""
     h, w = img.shape[:2]
-    levels = (np.arange(256, dtype=np.float32) / 255.0) ** rng.uniform(0.7, 1.4)
-    gains = rng.uniform(0.75, 1.25, size=3) * rng.uniform(0.6, 1.2)
+    levels = (np.arange(256, dtype=np.float32) / 255.0) ** rng.uniform(0.8, 1.25)
+    gains = rng.uniform(0.88, 1.12, size=3) * rng.uniform(0.7, 1.15)
     lut = np.clip((levels[:, None] * gains + rng.uniform(-0.08, 0.08)) * 255.0, 0, 255)
     x = cv2.LUT(img, lut.astype(np.uint8).reshape(256, 1, 3)).astype(np.float32)
     angle, depth = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
@@ -335,7 +336,7 @@ def render_view(landmark: Landmark | None, params: ViewParams | None, rng: np.ra
                 size: int) -> View:
     """One photo of ``landmark`` seen with ``params`` (or a scene without landmark if None)."""
     h, w = photo_shape(rng, size)
-    img = background(rng, h, w, int(rng.integers(0, 4)))
+    img = background(rng, h, w, int(rng.integers(0, 3)))
     occ = np.zeros((h, w), np.uint8)
     if landmark is None or params is None:
         _occluders(img, occ, rng, int(rng.integers(0, 4)), (0, 0, w, h))
