@@ -168,8 +168,15 @@ def test_gldv2_files_and_shards(small):
 
 
 def test_round_trip_through_the_readers(small):
-    from cvnet.data.gldv2 import gldv2_manifest
+    from cvnet.data.gldv2 import CSV_SPECS, gldv2_manifest, read_gldv2_csv
     from cvnet.data.revisitop import load_ground_truth
+
+    tables = {name: read_gldv2_csv(str(Path(small.gldv2_dir) / name)) for name in CSV_SPECS}
+    solution = tables["retrieval_solution_v2.1.csv"]
+    unmatched = [u for u, ids in zip(solution.column("Usage").to_pylist(),
+                                     solution.column("images").to_pylist()) if ids is None]
+    assert unmatched and set(unmatched) == {"Ignored"}
+    assert gldv2_manifest(small.gldv2_dir, "test").num_rows == solution.num_rows
 
     train = gldv2_manifest(small.gldv2_dir, "train", layout="tar")
     folder = gldv2_manifest(small.gldv2_dir, "train", layout="folder")
