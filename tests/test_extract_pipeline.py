@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -13,10 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cvnet import features, storage
-from cvnet.data.manifest import write_manifest
+from cvnet.data.manifest import tar_member_uri, write_manifest
 from cvnet.models.checkpoints import load_model, save_checkpoint
 from cvnet.models.cvnet import CVNet
 from cvnet.models.rerank import RerankFeatures
@@ -27,6 +29,7 @@ from pipelines.extract import ExtractConfig, ExtractError, run_extract
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(64, 64), (64, 80), (96, 72), (72, 96)]
 N_GOOD = 12
+IN_TAR = ("g0", "g1")  # read as members of img/pack.tar
 BAD = {"corrupt": ("decode", "not a decodable image"), "empty": ("decode", "empty file"),
        "missing": ("read", "file not found")}
 
@@ -41,14 +44,20 @@ def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def write_set(folder: Path, n_good: int, uri_prefix: str | None = None) -> list[dict]:
-    """Good JPEGs + corrupt, empty and missing entries; returns manifest rows."""
+    """Good JPEGs (two as tar members) + corrupt, empty and missing entries; returns manifest rows."""
     rng = np.random.default_rng(7)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     prefix = uri_prefix or str(folder / "img")
     rows = []
     for i in range(n_good):
         cv2.imwrite(str(folder / "img" / f"g{i}.jpg"), _image(rng, *SIZES[i % len(SIZES)]))
-        rows.append({"image_id": f"g{i}", "uri": f"{prefix}/g{i}.jpg", "landmark_id": i % 3, "split": "train"})
+        uri = f"{prefix}/g{i}.jpg"
+        if f"g{i}" in IN_TAR:
+            uri = tar_member_uri(f"{prefix}/pack.tar", f"g{i}.jpg")
+        rows.append({"image_id": f"g{i}", "uri": uri, "landmark_id": i % 3, "split": "train"})
+    with tarfile.open(folder / "img" / "pack.tar", "w") as tar:
+        for name in IN_TAR:
+            tar.add(folder / "img" / f"{name}.jpg", arcname=f"{name}.jpg")
     (folder / "img" / "corrupt.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     (folder / "img" / "empty.jpg").write_bytes(b"")
     for name in BAD:
@@ -107,7 +116,7 @@ def test_extract_equals_direct_model_and_rerun_skips(ray_local, dataset, tmp_pat
     got = model.match_probability(RerankFeatures(stored["g0"]), [RerankFeatures(stored[k]) for k in keys])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     # file metadata names the model and its hash
-    meta = pa.parquet.read_schema(storage.committed_files(output, "descriptors")[0]).metadata
+    meta = pq.read_schema(storage.committed_files(output, "descriptors")[0]).metadata
     assert json.loads(meta[b"cvnet.model_sha256"]) == json.loads(
         open(result.commit_uri).read())["model_sha256"]
     # a rerun commits nothing new and changes nothing
@@ -225,14 +234,27 @@ def test_extract_with_store_and_inputs_on_s3(ray_local, dataset, s3_bucket, tmp_
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
     rows = write_set(tmp_path, N_GOOD, uri_prefix=f"{s3_bucket}/img")
-    for name in [f"g{i}" for i in range(N_GOOD)] + ["corrupt", "empty"]:
-        fs.put_file(str(tmp_path / "img" / f"{name}.jpg"), f"{s3_bucket[5:]}/img/{name}.jpg")
+    for name in [f"g{i}.jpg" for i in range(N_GOOD)] + ["corrupt.jpg", "empty.jpg", "pack.tar"]:
+        fs.put_file(str(tmp_path / "img" / name), f"{s3_bucket[5:]}/img/{name}")
     fs.put_file(dataset["model_uri"], f"{s3_bucket[5:]}/models/model.pt")
     write_manifest(pa.Table.from_pylist(rows), f"{s3_bucket}/manifest.parquet")
     output = f"{s3_bucket}/features/out"
     cfg = _config(dataset, output, manifest=f"{s3_bucket}/manifest.parquet",
-                  model=f"{s3_bucket}/models/model.pt")
+                  model=f"{s3_bucket}/models/model.pt", float16=True)
     result = run_extract(cfg)
     assert result.images == 15 and result.commit_uri == f"{output}/_COMMITTED.json"
-    _check_output(output, dataset)
+    _check_output(output, dataset, atol=2e-3)  # float16 storage: about 3 significant digits
+    with fs.open(storage.committed_files(output, "descriptors")[0][5:], "rb") as handle:
+        assert pq.read_schema(handle).field("descriptor").type.value_type == pa.float16()
     assert fs.exists(f"{s3_bucket[5:]}/features/out/_attempts/{result.attempt}")
+
+
+@pytest.mark.gpu
+def test_gpu_actors_match_the_cpu_model(ray_local, dataset, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or not ray_local.cluster_resources().get("GPU"):
+        pytest.skip("needs a CUDA device visible to Ray")
+    output = str(tmp_path / "out")
+    run_extract(_config(dataset, output, actor_gpus=0.5))
+    _check_output(output, dataset, atol=1e-4)  # cuDNN kernels differ from the CPU ones in rounding
