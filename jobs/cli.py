@@ -58,10 +58,27 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
+def run_job(run, args: argparse.Namespace, name: str) -> int:
+    """Run a job; an exception ends it with a one-line error (``-v`` shows the traceback)."""
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("cvnet").error("%s: interrupted", name)
+        return 130
+    except Exception as err:  # the job's own errors name the bad item; keep them readable
+        if args.verbose:
+            raise
+        from cvnet.storage import redact
+
+        logging.getLogger("cvnet").error("%s failed: %s: %s (run with -v for the traceback)",
+                                         name, type(err).__name__, redact(str(err)))
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    return int(args._run(args) or 0)
+    return run_job(args._run, args, f"cvnet {args.command}")
 
 
 def entrypoint(module_name: str, argv: list[str] | None = None) -> int:
@@ -72,7 +89,7 @@ def entrypoint(module_name: str, argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return int(module.run(args) or 0)
+    return run_job(module.run, args, module_name)
 
 
 if __name__ == "__main__":
