@@ -34,6 +34,7 @@ from cvnet.models.correlation import (
 FEATURE_CHANNELS = 1024
 LEVEL_CHANNELS = 256
 PRECISIONS = ("fp32", "bf16")
+MAX_BATCH_POSITIONS = 1 << 25  # 4D positions per batch: 3 pairs of 48x64 maps (about 1 GiB peak)
 
 
 def make_conv2ds() -> nn.ModuleList:
@@ -185,15 +186,16 @@ def match_probability(
     cv_learner: CVLearner,
     query: RerankFeatures,
     keys: Sequence[RerankFeatures],
-    batch_size: int = 4,
+    batch_size: int | None = None,
     precision: str = "fp32",
 ) -> np.ndarray:
     """Match probability (K,) float32 of one query against K candidates of any sizes.
 
-    Candidates of equal size run together in batches of ``batch_size``. ``precision="bf16"``
-    is an approximate opt-in mode (autocast); the default fp32 is exact.
+    Candidates of equal size run together in batches of ``batch_size`` (default: as many as
+    keep a batch under ``MAX_BATCH_POSITIONS`` 4D correlation positions, which bounds memory).
+    ``precision="bf16"`` is an approximate opt-in mode (autocast); the default fp32 is exact.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _device_of(cv_learner)
     stride = cv_learner.first_stride
@@ -203,9 +205,10 @@ def match_probability(
         by_size[key.size].append(index)
     with _precision_context(device, precision):
         query_full = _upsampled([query], device)[0]
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+        for (hk, wk), indices in by_size.items():
+            step = batch_size or max(1, MAX_BATCH_POSITIONS // (query_full.shape[-2] * query_full.shape[-1] * hk * wk))
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
                 keys_full = _upsampled([keys[i] for i in chunk], device)
                 key_sub, query_sub = correlation_slices(query_full, keys_full, stride)
                 scores[chunk] = _probability(cv_learner.forward_slices(key_sub, query_sub)).cpu().numpy()
