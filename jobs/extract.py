@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor-cpus", type=float, default=0.5, help="CPUs reserved per actor")
     parser.add_argument("--actor-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--part-rows", type=int, default=64, help="images per actor call and Parquet part")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else local)")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (AWS_ENDPOINT_URL)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         output=args.output or default_output(store, args.model, args.manifest),
         rerank_features=args.rerank_features, scales=tuple(args.scales), float16=args.float16,
         shard_size=args.shard_size, num_actors=args.actors, actor_cpus=args.actor_cpus,
-        actor_gpus=args.actor_gpus, torch_threads=args.threads, batch_size=args.batch_size)
+        actor_gpus=args.actor_gpus, torch_threads=args.threads, batch_size=args.batch_size,
+        part_rows=args.part_rows)
     init_ray(args.address)
     params = {k: v for k, v in vars(cfg).items()}
     with mlflow_run(args.experiment, resolve_tracking_uri(store, args.tracking_uri),

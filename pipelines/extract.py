@@ -56,8 +56,9 @@ class ExtractConfig:
     actor_cpus: float = 0.5
     actor_gpus: float = 0.0
     torch_threads: int = 1
-    batch_size: int = 8
-    read_rows: int = 16
+    batch_size: int = 8  # images per forward pass (same-size images only)
+    part_rows: int = 64  # images per actor call = rows per written Parquet part (at most)
+    read_rows: int = 16  # images per decode task
 
     def identity(self, model_sha256: str) -> dict:
         """The settings that determine the output (a rerun must match them)."""
@@ -279,7 +280,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         ds = ray.data.from_arrow(_blocks(todo, cfg.read_rows))
         ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
         ds = ds.map_batches(
-            ExtractActor, batch_format="pyarrow", batch_size=cfg.batch_size,
+            ExtractActor, batch_format="pyarrow", batch_size=cfg.part_rows,
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
             fn_constructor_kwargs={"config": asdict(cfg), "attempt": attempt, "model_sha256": model_sha})

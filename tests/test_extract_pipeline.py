@@ -84,7 +84,7 @@ def dataset(tmp_path_factory):
 
 def _config(dataset, output: str, **kw) -> ExtractConfig:
     base = dict(manifest=dataset["manifest"], model=dataset["model_uri"], output=output, shard_size=4,
-                batch_size=4)
+                batch_size=4, part_rows=4)
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -174,7 +174,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, dataset, tmp_path):
     output = tmp_path / "out"
-    cfg = _config(dataset, str(output), batch_size=1, shard_size=3)
+    cfg = _config(dataset, str(output), part_rows=1, shard_size=3)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
     runner.start()
@@ -194,7 +194,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path):
     output = tmp_path / "out"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--manifest", dataset["manifest"], "--model", dataset["model_uri"], "--output", str(output),
-            "--shard-size", "2", "--batch-size", "1", "--tracking-uri", tracking]
+            "--shard-size", "2", "--part-rows", "1", "--tracking-uri", tracking]
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.extract", *args,
          "--address", ray_local.get_runtime_context().gcs_address],
