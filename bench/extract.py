@@ -10,6 +10,7 @@ Usage: python bench/extract.py [--images 2] [--size 1024x768] [--device cpu|cuda
 from __future__ import annotations
 
 import argparse
+import ctypes
 import re
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def run_mode(model: cvnet.CVNet, images: list[np.ndarray], precision: str, chann
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so RSS peaks are per mode
     desc, seconds, _growth = measure(call, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else peak_rss_mib()
     return desc, seconds, peak

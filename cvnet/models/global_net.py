@@ -94,7 +94,7 @@ def descriptors_at_scale(net: GlobalNet, images: Sequence[np.ndarray], scale: fl
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            out[chunk] = net(to_batch([resized[i] for i in chunk], device)).float().cpu()
+            out[chunk] = net(to_batch([resized[i] for i in chunk], device)).cpu()
     return out
 
 
@@ -103,10 +103,13 @@ def multiscale_descriptors(net: GlobalNet, images: Sequence[np.ndarray],
                            scales: Sequence[float] = DEFAULT_SCALES, batch_size: int = 8) -> np.ndarray:
     """Reference multi-scale descriptors: mean of per-scale L2-normalised descriptors, L2-normalised.
 
-    ``images`` are HxWx3 uint8 BGR arrays of any sizes; returns (N, dim) float32.
+    ``images`` are HxWx3 uint8 BGR arrays of any sizes; returns (N, dim) float32. Put ``net``
+    in eval mode first (:meth:`CVNet.global_descriptor` does).
     """
     if not scales:
         raise ValueError("scales must not be empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, im in enumerate(images):
         check_image(im, i)
     if not images:
