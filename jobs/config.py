@@ -73,7 +73,7 @@ class CheckpointSection(_Section):
 
 
 class EvalConfig(_Section):
-    benchmark: str = Field("", description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
+    benchmark: str | None = Field(None, description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
     scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 
 

@@ -186,7 +186,7 @@ def fit_stage1(cfg: dict[str, Any], mlflow_run_id: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import init_ray, worker_env
 
     store = cfg.get("store") or storage.default_store()
     root = storage.join(store, "checkpoints")
@@ -204,6 +204,7 @@ def fit_stage1(cfg: dict[str, Any], mlflow_run_id: str | None = None,
                                   **({"GPU": 1} if scaling["use_gpu"] else {})}),
         run_config=ray.train.RunConfig(
             name=cfg["name"], storage_path=storage_path, storage_filesystem=storage_fs,
+            worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck["num_to_keep"]),
             failure_config=ray.train.FailureConfig(
                 max_failures=ck["max_failures"],

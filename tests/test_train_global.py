@@ -1,0 +1,226 @@
+"""Stage-1 training: configs, sampling, data loading, one CPU step without Ray, and the Ray Train
+pipeline (2 gloo workers): fault recovery, driver-crash resume, checkpoints on moto S3 and an
+MLflow server recording the run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cvnet.training.data import (BatchLoader, TrainDataError, TrainSet, global_batch,
+                                 train_set_from_manifest, worker_indices)
+from jobs.config import ConfigError, TrainGlobalConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = ["data.image_size=64", "optim.batch_size=4", "optim.max_steps=4", "optim.warmup_steps=0",
+        "checkpoint.every_steps=2", "loss.queue_size=32", "model.freeze_stages=4",
+        "scaling.num_workers=2", "log_every=1"]
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_config_file_and_overrides():
+    cfg = load_config(TrainGlobalConfig, ROOT / "configs" / "demo.yaml",
+                      ["optim.lr=0.5", "data.flip=false", "model.backbone_init=/x/r50.pth"])
+    assert cfg.optim.lr == 0.5 and cfg.data.flip is False
+    assert cfg.model.backbone_init == "/x/r50.pth"
+    assert cfg.scaling.num_workers == 2 and cfg.model.freeze_stages == 3
+
+
+@pytest.mark.parametrize("override,match", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["data.sampling=random"], "data.sampling"),
+    (["optim"], "expected key=value"),
+    (["optim.lr.x=1"], "optim.lr"),
+])
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainGlobalConfig, None, override)
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "gldv2-clean-r50", "gldv2-clean-r101"):
+        cfg = load_config(TrainGlobalConfig, ROOT / "configs" / f"{name}.yaml")
+        assert cfg.name
+    r101 = load_config(TrainGlobalConfig, ROOT / "configs" / "gldv2-clean-r101.yaml")
+    assert r101.model.depth == 101 and r101.loss.queue_size == 8192
+
+
+# ----------------------------------------------------------------------------- data
+
+def _train_set(n_classes: int = 5, per_class: int = 4) -> TrainSet:
+    labels = np.repeat(np.arange(n_classes), per_class)
+    return TrainSet([f"im{i}" for i in range(len(labels))], [f"u{i}" for i in range(len(labels))],
+                    labels, np.arange(n_classes) * 10)
+
+
+def test_worker_shards_are_disjoint_equal_and_deterministic():
+    ts = _train_set()
+    for step in range(7):
+        a = worker_indices(ts, step, 3, 0, 2, seed=1, sampling="uniform")
+        b = worker_indices(ts, step, 3, 1, 2, seed=1, sampling="uniform")
+        assert len(a) == len(b) == 3 and not set(a) & set(b)
+        assert np.array_equal(a, worker_indices(ts, step, 3, 0, 2, seed=1, sampling="uniform"))
+    # uniform: an epoch (20 // 6 = 3 steps) visits distinct images
+    epoch = np.concatenate([global_batch(ts, s, 6, 1, "uniform") for s in range(3)])
+    assert len(set(epoch.tolist())) == 18
+
+
+def test_balanced_sampling_draws_classes_uniformly():
+    labels = np.array([0] * 50 + [1] * 2 + [2] * 2)
+    ts = TrainSet([str(i) for i in range(54)], ["u"] * 54, labels, np.array([1, 2, 3]))
+    drawn = np.concatenate([global_batch(ts, s, 30, 0, "balanced") for s in range(20)])
+    share = np.bincount(ts.labels[drawn], minlength=3) / len(drawn)
+    assert np.all(np.abs(share - 1 / 3) < 0.06)
+
+
+def test_manifest_without_landmark_is_named():
+    table = pa.table({"image_id": ["a", "b"], "uri": ["x", "y"],
+                      "landmark_id": pa.array([1, None], pa.int64()), "split": ["t", "t"]})
+    with pytest.raises(TrainDataError, match="'b' has no landmark_id"):
+        train_set_from_manifest(table)
+    table = pa.table({"image_id": ["a", "b", "c"], "uri": ["x", "y", "z"],
+                      "landmark_id": pa.array([7, 3, 7], pa.int64()), "split": ["t"] * 3})
+    ts = train_set_from_manifest(table, "t")
+    assert ts.landmark_ids.tolist() == [3, 7] and ts.labels.tolist() == [1, 0, 1]
+
+
+def test_batch_loader_records_and_replaces_bad_images():
+    import cv2
+
+    ok = cv2.imencode(".jpg", np.full((40, 50, 3), 128, np.uint8))[1].tobytes()
+    files = {"u0": ok, "u1": b"not a jpeg", "u2": ok, "u3": ok}
+    ts = TrainSet(["a", "b", "c", "d"], ["u0", "u1", "u2", "u3"], np.array([0, 0, 1, 1]),
+                  np.array([5, 6]))
+    loader = BatchLoader(ts, 32, (0.5, 1.0), True, files.__getitem__)
+    q, k, labels = loader.load(np.array([1, 2]), np.random.default_rng(0))
+    assert q.shape == k.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+    assert [row["image_id"] for row in loader.bad_inputs.values()] == ["b"]
+    assert "b: not a decodable image" in loader.bad_inputs[1]["error"]
+    files["u0"] = b""
+    with pytest.raises(TrainDataError, match="landmark 5: no readable image"):
+        loader.load(np.array([0]), np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- one step, no Ray
+
+def test_train_step_cpu_updates_everything_and_state_round_trips():
+    from cvnet.training.steps import build_global_net, build_stage1, set_train_mode, train_step
+
+    cfg = load_config(TrainGlobalConfig, None, TINY + ["model.freeze_stages=3"])
+    torch.manual_seed(0)
+    net = build_global_net(50, init_seed=0)
+    state, frozen = build_stage1(net, 3, cfg.loss.model_dump(), cfg.optim.model_dump(), 3)
+    set_train_mode(state.model, frozen)
+    assert not net.s3.training and net.s4.training
+    s3_before = net.s3.b1.f.a.weight.clone()
+    fc_before = net.head.fc.weight.clone()
+    ema_before = state.momentum.encoder.head.fc.weight.clone()
+    x = torch.randn(4, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 0])
+    out = train_step(state, x, x.flip(3), labels, 0.5, 0.5)
+    assert np.isfinite(out["loss"]) and out["loss_con"] > 0 and out["loss_cls"] > 0
+    assert state.step == 1
+    assert torch.equal(net.s3.b1.f.a.weight, s3_before)  # frozen
+    assert not torch.equal(net.head.fc.weight, fc_before)
+    ema = state.momentum.encoder.head.fc.weight
+    expected = 0.999 * ema_before + 0.001 * net.head.fc.weight
+    assert torch.allclose(ema, expected, atol=1e-6)
+    assert state.queue.labels[:4].tolist() == [0, 1, 2, 0] and int(state.queue.ptr) == 4
+
+    net2 = build_global_net(50, init_seed=1)
+    copy, _ = build_stage1(net2, 3, cfg.loss.model_dump(), cfg.optim.model_dump(), 3)
+    copy.load_state_dict(state.state_dict())
+    assert copy.step == 1 and copy.resumed_from == [1]
+    assert torch.equal(net2.head.fc.weight, net.head.fc.weight)
+    assert torch.equal(copy.queue.descriptors, state.queue.descriptors)
+    assert copy.optimizer.state_dict()["state"].keys() == state.optimizer.state_dict()["state"].keys()
+
+
+
+def test_train_step_bf16_autocast_on_cpu():
+    """The mixed-precision path (bf16 autocast) runs and keeps fp32 master weights."""
+    from cvnet.training.steps import build_global_net, build_stage1, train_step
+
+    cfg = load_config(TrainGlobalConfig, None, TINY)
+    net = build_global_net(50, init_seed=0)
+    state, _ = build_stage1(net, 2, cfg.loss.model_dump(), cfg.optim.model_dump(), 4)
+    x = torch.randn(2, 3, 64, 64)
+    out = train_step(state, x, x, torch.tensor([0, 1]), 0.5, 0.5, bf16=True)
+    assert np.isfinite(out["loss"]) and net.head.fc.weight.dtype == torch.float32
+
+# ----------------------------------------------------------------------------- Ray Train (2 workers)
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    """A small synthetic GLDv2 training set (6 landmarks x 4 images, 64 px)."""
+    from cvnet.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth") / "c"
+    generate(str(out), seed=3, landmarks=6, images_per_landmark=4, queries=5, distractors=0,
+             size=64)
+    return out / "gldv2"
+
+
+def _tiny_cfg(name: str, store: str, root, extra: list[str]) -> TrainGlobalConfig:
+    return load_config(TrainGlobalConfig, None,
+                       TINY + [f"name={name}", f"store={store}", f"data.root={root}", *extra])
+
+
+def test_worker_fault_resumes_from_checkpoint_on_s3_with_mlflow_server(
+        s3_bucket, mlflow_server, ray_local, tiny_synth):
+    """A worker raises at step 3; Ray Train restarts the group, which resumes from the step-2
+    checkpoint on S3 (moto server) and finishes; the MLflow server records the run."""
+    from mlflow.tracking import MlflowClient
+
+    from cvnet import storage
+    from jobs.train_global import train
+
+    cfg = _tiny_cfg("fault-s3", s3_bucket, tiny_synth,
+                    ["fault_injection_step=3", "checkpoint.max_failures=1",
+                     f"tracking_uri={mlflow_server['url']}", "experiment=test-stage1"])
+    outcome = train(cfg)
+    assert outcome.step == 4 and outcome.resumed_from == [2]
+    fs, _ = storage.filesystem(s3_bucket)
+    run_dir = storage.join(s3_bucket, "checkpoints", "fault-s3")
+    assert fs.exists(storage.filesystem(storage.join(run_dir, "_fault_injected"))[1])
+    assert fs.exists(storage.filesystem(
+        storage.join(run_dir, "step_00000004", "stage1_state.pt"))[1])
+    assert fs.exists(storage.filesystem(outcome.model_uri)[1])
+    client = MlflowClient(mlflow_server["url"])
+    run = client.get_run(outcome.run_id)
+    assert run.data.params["optim.batch_size"] == "4"
+    loss_steps = [m.step for m in client.get_metric_history(outcome.run_id, "loss")]
+    assert set(loss_steps) == {1, 2, 3, 4}  # steps 3 and 4 logged after the resume
+    assert {"loss_cls", "loss_con", "lr", "images_per_s"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(outcome.run_id, "model")] == \
+        ["model/cvnet_global.pth"]
+    version = client.get_model_version("cvnet-global", outcome.model_version)
+    assert version.run_id == outcome.run_id
+
+
+def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny_synth):
+    """Without retries the fault ends fit() (like a crashed driver); fitting again under the
+    same run name resumes from the last checkpoint instead of step 0."""
+    from ray.train import TrainingFailedError
+
+    from pipelines.train_global import fit_stage1, load_trained_net
+
+    store = str(workdir / "store")
+    cfg = _tiny_cfg("crash", store, tiny_synth,
+                    ["fault_injection_step=3", "checkpoint.max_failures=0"])
+    with pytest.raises(TrainingFailedError):
+        fit_stage1(cfg.model_dump())
+    result = fit_stage1(cfg.model_dump())
+    assert result.step == 4 and result.resumed_from == [2]
+    meta = json.loads((workdir / "store" / "checkpoints" / "crash" / "step_00000004" /
+                       "stage1_meta.json").read_text())
+    assert meta["step"] == 4 and len(meta["landmark_ids"]) == 6
+    net = load_trained_net(result.checkpoint_path)
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
