@@ -33,6 +33,16 @@ def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the fixture's small tensors gain nothing from more, and on a busy
+    shared CPU multi-thread barriers make them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def golden():
     with np.load(PARITY / "golden_r50_seed0.npz") as data:
@@ -119,6 +129,14 @@ def test_fast_scores_match_golden_batched_over_mixed_sizes(golden, features, mod
     assert abs(float(ab[0]) - float(golden["score_a_b"])) <= SCORE_TOL
 
 
+def test_learner_forward_on_full_tensor_matches_reference_forward(golden):
+    torch.manual_seed(0)
+    learner = CVLearner()
+    corr = torch.from_numpy(golden["corr_a_b"]).unsqueeze(0)
+    with torch.no_grad():
+        np.testing.assert_allclose(learner(corr).numpy(), learner.forward_reference(corr).numpy(), atol=1e-5)
+
+
 def test_fast_scores_do_not_depend_on_batch_size(features, model):
     _, learner = model
     keys = [features["a"], features["b"], features["a"]]
@@ -165,7 +183,9 @@ def test_center_pivot_conv_matches_loop_definition(kernel, stride):
     conv = CenterPivotConv4d(3, 4, kernel, stride)
     x = torch.randn(2, 3, 5, 4, 3, 6)  # odd and even sizes exercise ceil(n / stride)
     with torch.no_grad():
-        np.testing.assert_allclose(conv(x).numpy(), _naive_center_pivot(conv, x).numpy(), atol=1e-5)
+        want = _naive_center_pivot(conv, x).numpy()
+        np.testing.assert_allclose(conv(x).numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(conv.forward_reference(x).numpy(), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_innermost", [False, True])

@@ -39,6 +39,19 @@ class CenterPivotConv4d(nn.Module):
         """Convolve a full (B, C, hq, wq, hk, wk) tensor."""
         return self.forward_slices(subsample_key(x, self.stride), subsample_query(x, self.stride))
 
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation step by step (HSNet/CVNet code): subsample, permute each
+        side to a contiguous NCHW batch, conv, permute back, add. Contiguous (B, O, ...) output."""
+        s = self.stride
+        key_sub, query_sub = subsample_key(x, s), subsample_query(x, s)
+        b, c, hq, wq, hk_s, wk_s = key_sub.shape
+        y1 = self.conv1(key_sub.permute(0, 4, 5, 1, 2, 3).contiguous().view(-1, c, hq, wq))
+        y1 = y1.view(b, hk_s, wk_s, *y1.shape[1:]).permute(0, 3, 4, 5, 1, 2).contiguous()
+        _, _, hq_s, wq_s, hk, wk = query_sub.shape
+        y2 = self.conv2(query_sub.permute(0, 2, 3, 1, 4, 5).contiguous().view(-1, c, hk, wk))
+        y2 = y2.view(b, hq_s, wq_s, *y2.shape[1:]).permute(0, 3, 1, 2, 4, 5).contiguous()
+        return y1 + y2
+
     def forward_slices(self, key_sub: torch.Tensor, query_sub: torch.Tensor) -> torch.Tensor:
         """Convolve from the two strided slices of the input.
 

@@ -72,6 +72,20 @@ class CVLearner(nn.Module):
         """Logits (B, 2) from the two strided correlation slices block1's first conv reads."""
         return self._tail(self.block1[1:](self.block1[0].forward_slices(key_sub, query_sub)))
 
+    def forward_reference(self, corr: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2) computed as the reference code does, layer by layer on contiguous
+        tensors (``CenterPivotConv4d.forward_reference``, ``nn.GroupNorm``): the oracle."""
+        x = corr
+        for block in (self.block1, self.block2, self.block3, self.block4):
+            for layer in block:
+                if isinstance(layer, CenterPivotConv4d):
+                    x = layer.forward_reference(x)
+                elif isinstance(layer, nn.GroupNorm):
+                    x = nn.functional.group_norm(x.contiguous(), layer.num_groups, layer.weight, layer.bias, layer.eps)
+                else:
+                    x = layer(x)
+        return self.mlp(x.view(*x.shape[:2], -1).mean(-1))
+
     @property
     def first_stride(self) -> int:
         """Stride of block1's 4D conv: the slices it reads are taken at this step."""
@@ -220,6 +234,7 @@ def match_probability_reference(
     cv_learner: CVLearner, conv2ds: nn.ModuleList, query_map: torch.Tensor, key_map: torch.Tensor
 ) -> float:
     """Reference-structured match probability of one pair of (1024, h, w) maps: the pyramid per
-    pair, the full 4D correlation, full center-pivot convs. Slow; the oracle for tests and bench."""
+    pair, the full 4D correlation, the learner layer by layer as the reference code runs it.
+    Slow; the oracle for tests and bench (a)."""
     corr = correlation_4d(query_map.float(), key_map.float(), conv2ds)
-    return float(_probability(cv_learner(corr.unsqueeze(0)))[0])
+    return float(_probability(cv_learner.forward_reference(corr.unsqueeze(0)))[0])
