@@ -235,12 +235,25 @@ def test_rerank_features_reject_bad_bytes_and_shapes(features):
         RerankFeatures((levels[0], levels[1].astype(np.float64), levels[2]))
     with pytest.raises(ValueError, match="3 levels"):
         RerankFeatures(levels[:2])
+    corrupt = bytearray(data)
+    corrupt[-4:] = np.array([np.inf], dtype="<f4").tobytes()
+    with pytest.raises(ValueError, match="level 2 has non-finite"):
+        RerankFeatures.from_bytes(bytes(corrupt))
 
 
-def test_compute_rerank_features_rejects_wrong_map_shape(model):
-    conv2ds, _ = model
+def test_compute_rerank_features_rejects_bad_maps(model):
+    conv2ds, learner = model
     with pytest.raises(ValueError, match=r"\(1024, h, w\)"):
         compute_rerank_features(torch.zeros(512, 4, 4), conv2ds)
+    with pytest.raises(ValueError, match="1x5 is too small"):
+        compute_rerank_features(torch.zeros(1024, 1, 5), conv2ds)
+    bad = torch.zeros(1024, 4, 4)
+    bad[3, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_rerank_features(bad, conv2ds)
+    smallest = compute_rerank_features(torch.randn(1024, 2, 2), conv2ds)
+    assert [lvl.shape[1:] for lvl in smallest.levels] == [(1, 1), (1, 1), (2, 2)]
+    assert np.isfinite(match_probability(learner, smallest, [smallest])).all()
 
 
 @pytest.mark.gpu

@@ -124,6 +124,8 @@ class RerankFeatures:
                 raise ValueError(f"RerankFeatures level {s} must be a 3-D float32 numpy array")
             if level.shape[0] != LEVEL_CHANNELS:
                 raise ValueError(f"RerankFeatures level {s} has {level.shape[0]} channels, expected {LEVEL_CHANNELS}")
+            if not np.isfinite(level).all():
+                raise ValueError(f"RerankFeatures level {s} has non-finite values")
         expected = pyramid_sizes(*self.size)
         got = [tuple(level.shape[1:]) for level in self.levels]
         if got != expected:
@@ -170,7 +172,13 @@ def compute_rerank_features(feature_map: torch.Tensor, conv2ds: nn.ModuleList) -
     """Per-image rerank features of a (1024, h, w) float32 pre-ReLU stage-3 map."""
     if feature_map.dim() != 3 or feature_map.shape[0] != FEATURE_CHANNELS:
         raise ValueError(f"feature_map must be ({FEATURE_CHANNELS}, h, w), got {tuple(feature_map.shape)}")
-    levels = pyramid_levels(feature_map.unsqueeze(0).float(), conv2ds)
+    h, w = feature_map.shape[1:]
+    if min(min(size) for size in pyramid_sizes(h, w)) < 1:
+        raise ValueError(f"feature_map {h}x{w} is too small for the rerank pyramid: needs at least 2x2 (images of 17x17 px)")
+    if not torch.isfinite(feature_map).all():
+        raise ValueError("feature_map has non-finite values")
+    with _precision_context(feature_map.device, "fp32"):
+        levels = pyramid_levels(feature_map.unsqueeze(0).float(), conv2ds)
     return RerankFeatures(tuple(level[0].cpu().numpy() for level in levels))
 
 
