@@ -2,22 +2,25 @@
 
 Modes: fp32 (exact, the default), fp32 + channels_last, bf16 autocast, bf16 + channels_last.
 Each row: images per second (best of --repeats calls over --images same-size images, which
-run as one batch per scale), peak memory of the timed call (the process's peak RSS, model
-included, on the CPU; torch.cuda.max_memory_allocated on CUDA) and the descriptor error against fp32 (max abs
-difference, lowest cosine). Weights are synthetic (R50, seed 0), images random but smooth.
+run as one batch per scale), CPU seconds per image (the machine may be shared: wall time
+then overstates the cost), peak memory of the timed call (the process's peak RSS, model
+included, on the CPU; torch.cuda.max_memory_allocated on CUDA) and the descriptor error
+against fp32 (max abs difference, lowest cosine). Weights are synthetic (R50, seed 0), images random but smooth.
 Usage: python bench/extract.py [--images 2] [--size 1024x768] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from rerank import measure  # bench/rerank.py: best time and peak RSS growth of a call
 
 import cvnet
 from cvnet.models.synthetic_weights import synthetic_state_dict
@@ -27,8 +30,22 @@ MODES = (("fp32", "fp32", False), ("fp32 channels_last", "fp32", True),
 
 
 def peak_rss_mib() -> float:
-    """The process's peak RSS (VmHWM; ``measure`` resets it when the timed call starts)."""
+    """The process's peak RSS (VmHWM) since the last reset."""
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float, float, float]:
+    """(result, best wall s, best CPU s, peak RSS MiB) of ``fn``; RSS peak reset first."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so RSS peaks are per mode
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return result, wall, cpu, peak_rss_mib()
 
 
 def make_images(n: int, width: int, height: int) -> list[np.ndarray]:
@@ -39,18 +56,17 @@ def make_images(n: int, width: int, height: int) -> list[np.ndarray]:
 
 
 def run_mode(model: cvnet.CVNet, images: list[np.ndarray], precision: str, channels_last: bool,
-             args: argparse.Namespace) -> tuple[np.ndarray, float, float]:
-    """(descriptors, best seconds per call, peak MiB) of one mode."""
+             args: argparse.Namespace) -> tuple[np.ndarray, float, float, float]:
+    """(descriptors, best wall s, best CPU s per call, peak MiB) of one mode."""
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     call = lambda: model.global_descriptor(images, batch_size=len(images), precision=precision)  # noqa: E731
     model.global_descriptor(images[:1], precision=precision)  # warm-up
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so RSS peaks are per mode
-    desc, seconds, _growth = measure(call, args.repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else peak_rss_mib()
-    return desc, seconds, peak
+    desc, seconds, cpu, rss = timed(call, args.repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else rss
+    return desc, seconds, cpu, peak
 
 
 def main() -> None:
@@ -68,16 +84,17 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
           f"{args.images} images of {width}x{height}, scales 0.7071/1/1.4142, best of {args.repeats}")
-    print("| mode | images / s | s / image | x fp32 | peak MiB | max abs diff vs fp32 | min cosine vs fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | images / s | s / image | CPU s / image | x fp32 | peak MiB | max abs diff vs fp32 "
+          "| min cosine vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     reference, ref_seconds = None, None
     for label, precision, channels_last in MODES:
-        desc, seconds, peak = run_mode(model, images, precision, channels_last, args)
+        desc, seconds, cpu, peak = run_mode(model, images, precision, channels_last, args)
         if reference is None:
             reference, ref_seconds = desc, seconds
         diff = float(np.abs(desc - reference).max())
         cosine = float((desc * reference).sum(axis=1).min())
-        print(f"| {label} | {args.images / seconds:.3f} | {seconds / args.images:.2f} | "
+        print(f"| {label} | {args.images / seconds:.3f} | {seconds / args.images:.2f} | {cpu / args.images:.2f} | "
               f"{ref_seconds / seconds:.2f} | {peak:.0f} | {diff:.1e} | {cosine:.6f} |")
 
 
