@@ -28,7 +28,6 @@ from cvnet.models.correlation import (
     correlation_slices,
     pyramid_levels,
     pyramid_sizes,
-    upsample_levels,
 )
 
 FEATURE_CHANNELS = 1024
@@ -186,10 +185,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _upsampled(features: Sequence[RerankFeatures], device: torch.device) -> torch.Tensor:
-    """(B, S, 256, h, w) upsampled levels of features that share one size."""
-    levels = [torch.stack([torch.from_numpy(f.levels[s]) for f in features]).to(device) for s in range(len(PYRAMID_SCALES))]
-    return upsample_levels(levels, features[0].size)
+def _stacked_levels(features: Sequence[RerankFeatures], device: torch.device) -> list[torch.Tensor]:
+    """Per pyramid level, a (B, 256, h_s, w_s) tensor of features that share one size."""
+    return [torch.stack([torch.from_numpy(f.levels[s]) for f in features]).to(device) for s in range(len(PYRAMID_SCALES))]
 
 
 def _precision_context(device: torch.device, precision: str) -> AbstractContextManager:
@@ -226,13 +224,13 @@ def match_probability(
     for index, key in enumerate(keys):
         by_size[key.size].append(index)
     with _precision_context(device, precision):
-        query_full = _upsampled([query], device)[0]
+        query_levels = _stacked_levels([query], device)
         for (hk, wk), indices in by_size.items():
-            step = batch_size or max(1, MAX_BATCH_POSITIONS // (query_full.shape[-2] * query_full.shape[-1] * hk * wk))
+            step = batch_size or max(1, MAX_BATCH_POSITIONS // (query.size[0] * query.size[1] * hk * wk))
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                keys_full = _upsampled([keys[i] for i in chunk], device)
-                key_sub, query_sub = correlation_slices(query_full, keys_full, stride)
+                key_levels = _stacked_levels([keys[i] for i in chunk], device)
+                key_sub, query_sub = correlation_slices(query_levels, key_levels, stride)
                 scores[chunk] = _probability(cv_learner.forward_slices(key_sub, query_sub)).cpu().numpy()
     return scores
 
