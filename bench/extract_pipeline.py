@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--size", type=int, default=160, help="short side of the images, pixels")
     parser.add_argument("--cpus", type=int, default=2, help="cores for both modes")
+    parser.add_argument("--loop-threads", type=int, nargs="+", default=None,
+                        help="torch threads of the plain loop (default: 1 and --cpus; the best is the baseline)")
     args = parser.parse_args()
 
     import ray
@@ -88,7 +90,7 @@ def main() -> None:
     del model
 
     rows = []
-    for threads in sorted({1, args.cpus}):  # the best thread count of the loop is the baseline
+    for threads in args.loop_threads or sorted({1, args.cpus}):  # the best one is the baseline
         seconds, n = plain_loop(manifest, str(work / "model.pt"), threads)
         rows.append(("(a) plain loop, 1 image/call", 0, threads, n, seconds, n / seconds))
     base = max(row[-1] for row in rows)
