@@ -146,6 +146,20 @@ def test_learner_forward_on_full_tensor_matches_reference_forward(golden):
         np.testing.assert_allclose(learner(corr).numpy(), learner.forward_reference(corr).numpy(), atol=1e-5)
 
 
+def test_learner_gradients_match_reference_forward(golden):
+    """Stage-2 training backpropagates through the fast layers: same gradients as the reference."""
+    torch.manual_seed(0)
+    learner = CVLearner()
+    corr = torch.from_numpy(golden["corr_q_crop_b"]).unsqueeze(0)
+    grads = []
+    for forward in (learner, learner.forward_reference):
+        learner.zero_grad()
+        forward(corr)[0, 1].backward()
+        grads.append({k: p.grad.clone() for k, p in learner.named_parameters()})
+    for key, grad in grads[0].items():
+        np.testing.assert_allclose(grad.numpy(), grads[1][key].numpy(), atol=1e-5, err_msg=key)
+
+
 def test_fast_scores_do_not_depend_on_batch_size(features, model):
     _, learner = model
     keys = [features["a"], features["b"], features["a"]]

@@ -70,8 +70,8 @@ class CenterPivotConv4d(nn.Module):
             raise ValueError(
                 f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {tuple(y2.shape)}"
             )
-        out = torch.add(y1, y2, out=torch.empty(y1.shape, dtype=y1.dtype, device=y1.device))
-        return out.permute(0, 5, 1, 2, 3, 4)
+        out = torch.empty(y1.shape, dtype=y1.dtype, device=y1.device)  # channels innermost
+        return out.copy_(y2).add_(y1).permute(0, 5, 1, 2, 3, 4)  # (autograd records no out= ops)
 
 
 def _conv_batch(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _conv_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupNorm4d(nn.GroupNorm):
-    """``nn.GroupNorm`` for (B, C, *) tensors in any memory layout; keeps channels innermost.
+    """``nn.GroupNorm`` for (B, C, *spatial) tensors in any memory layout; keeps channels innermost.
 
     Same parameters and state-dict names as ``nn.GroupNorm``; avoids the contiguous copy that
     ``nn.GroupNorm`` makes of channel-innermost 4D correlation tensors.
@@ -112,5 +112,5 @@ class GroupNorm4d(nn.GroupNorm):
         var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)
         scale = torch.rsqrt(var_g + self.eps) * self.weight.view(groups, -1)
         shift = self.bias.view(groups, -1) + (mean_c - mean_g) * scale
-        out = centered.mul_(tiled(scale)).add_(tiled(shift))
+        out = torch.addcmul(tiled(shift), centered, tiled(scale))
         return out.view(channels_last.shape).movedim(-1, 1)
