@@ -160,6 +160,14 @@ def test_learner_gradients_match_reference_forward(golden):
         np.testing.assert_allclose(grad.numpy(), grads[1][key].numpy(), atol=1e-5, err_msg=key)
 
 
+def test_fast_slices_backpropagate_to_the_pyramid(features):
+    """Stage 2 trains conv2ds through the correlation: the fast slices must be differentiable."""
+    levels = [torch.from_numpy(x)[None].requires_grad_() for x in features["a"].levels]
+    key_sub, query_sub = correlation_slices(levels, [torch.from_numpy(x)[None] for x in features["b"].levels], stride=2)
+    (key_sub.sum() + query_sub.sum()).backward()
+    assert all(lvl.grad is not None and lvl.grad.abs().sum() > 0 for lvl in levels)
+
+
 def test_fast_scores_do_not_depend_on_batch_size(features, model):
     _, learner = model
     keys = [features["a"], features["b"], features["a"]]

@@ -158,7 +158,7 @@ def correlation_slices(
     rows = k_strided.permute(0, 3, 4, 1, 2).reshape(-1, c)
     for i, level in enumerate(query_levels):
         corr = (rows @ level.reshape(c, -1)).view(-1, *level.shape[-2:])
-        torch.clamp(resize_maps(corr, q_size).view(b, hk_s * wk_s, s, -1), min=0, out=key_sub[:, :, i])
+        key_sub[:, :, i] = resize_maps(corr, q_size).view(b, hk_s * wk_s, s, -1).clamp(min=0)
     key_sub = key_sub.view(b, hk_s, wk_s, s * s, *q_size).permute(0, 3, 4, 5, 1, 2)
 
     # query_sub block (i, j): query at strided positions (rows hq', wq', i) x key level j
@@ -166,6 +166,6 @@ def correlation_slices(
     rows = q_strided.permute(2, 3, 0, 1).reshape(1, -1, c).expand(b, -1, -1)
     for j, level in enumerate(key_levels):
         corr = torch.bmm(rows, level.reshape(b, c, -1)).view(-1, *level.shape[-2:])
-        torch.clamp(resize_maps(corr, k_size).view(b, hq_s * wq_s, s, -1), min=0, out=query_sub[:, :, :, j])
+        query_sub[:, :, :, j] = resize_maps(corr, k_size).view(b, hq_s * wq_s, s, -1).clamp(min=0)
     query_sub = query_sub.view(b, hq_s, wq_s, s * s, *k_size).permute(0, 3, 1, 2, 4, 5)
     return key_sub, query_sub
