@@ -105,6 +105,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         log.info("rank %d resumes at step %d", rank, state.step)
     state.model = ray.train.torch.prepare_model(state.model)
     set_train_mode(state.model, frozen)
+    state.momentum.follow_modes(state.core.net)
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
                          read_image_bytes)
     mlflow = _mlflow_on_rank0(cfg, rank, fresh=state.step == 0)

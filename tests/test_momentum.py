@@ -69,11 +69,13 @@ def test_ema_update_and_buffers():
     assert torch.all(ema.encoder[1].running_mean == 3.0)
 
 
-def test_ema_stays_in_eval_mode_and_has_no_grad():
-    online = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+def test_ema_follows_the_online_modes_and_has_no_grad():
+    online = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.BatchNorm1d(2))
     ema = MomentumEncoder(online, momentum=0.5)
-    ema.train()
-    assert not ema.encoder.training
+    online.train()
+    online[2].eval()  # a frozen part
+    ema.follow_modes(online)
+    assert [m.training for m in ema.encoder] == [True, True, False]
     out = ema(torch.randn(3, 2))
     assert not out.requires_grad
 

@@ -29,7 +29,7 @@ def test_config_file_and_overrides():
                       ["optim.lr=0.5", "data.flip=false", "model.backbone_init=/x/r50.pth"])
     assert cfg.optim.lr == 0.5 and cfg.data.flip is False
     assert cfg.model.backbone_init == "/x/r50.pth"
-    assert cfg.scaling.num_workers == 2 and cfg.model.freeze_stages == 3
+    assert cfg.scaling.num_workers == 2 and cfg.model.depth == 50
 
 
 @pytest.mark.parametrize("override,match", [
@@ -118,7 +118,9 @@ def test_train_step_cpu_updates_everything_and_state_round_trips():
     net = build_global_net(50, init_seed=0)
     state, frozen = build_stage1(net, 3, cfg.loss.model_dump(), cfg.optim.model_dump(), 3)
     set_train_mode(state.model, frozen)
+    state.momentum.follow_modes(net)
     assert not net.s3.training and net.s4.training
+    assert state.momentum.encoder.s4.training and not state.momentum.encoder.s3.training
     s3_before = net.s3.b1.f.a.weight.clone()
     fc_before = net.head.fc.weight.clone()
     ema_before = state.momentum.encoder.head.fc.weight.clone()

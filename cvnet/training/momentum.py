@@ -18,13 +18,13 @@ class MomentumEncoder(nn.Module):
         self.encoder = copy.deepcopy(online)
         for param in self.encoder.parameters():
             param.requires_grad_(False)
-        self.encoder.eval()
 
-    def train(self, mode: bool = True) -> MomentumEncoder:
-        """The copy always stays in eval mode (BN uses the followed running statistics)."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
+    def follow_modes(self, online: nn.Module) -> None:
+        """Give every submodule of the copy the train/eval mode of its online twin, so keys and
+        queries see the same BatchNorm behaviour (batch statistics where the online network
+        trains, running statistics in frozen parts), as in MoCo."""
+        for m_k, m_q in zip(self.encoder.modules(), online.modules(), strict=True):
+            m_k.training = m_q.training
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
