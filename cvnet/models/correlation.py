@@ -43,7 +43,11 @@ def scale_pyramid(feature_map: torch.Tensor, conv2ds: nn.ModuleList) -> list[tor
 
 
 def unit_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Divide (N, C, h, w) by its per-position L2 norm over C (all-zero positions stay zero)."""
+    """Divide (N, C, h, w) by its per-position L2 norm over C (all-zero positions stay zero).
+
+    Dot products of unit vectors equal the reference cosine ``dot / (|q| |k| + 1e-8)`` up to a
+    relative 1e-8 / (|q| |k|): negligible for conv'd features (norms are O(1) or larger).
+    """
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
 
 
