@@ -73,14 +73,22 @@ def runtime_env(working_dir: str, endpoint_url: str | None) -> dict:
 
 
 def _follow(client, job_id: str) -> None:
+    """Print the job's logs as they come, then any tail the stream missed at the job's end."""
     import asyncio
 
+    printed = 0
+
     async def tail() -> None:
+        nonlocal printed
         async for lines in client.tail_job_logs(job_id):
             sys.stdout.write(lines)
             sys.stdout.flush()
+            printed += len(lines)
 
     asyncio.run(tail())
+    _wait_terminal(client, job_id)
+    sys.stdout.write(client.get_job_logs(job_id)[printed:])
+    sys.stdout.flush()
 
 
 def _submit(client, retry_s: float = 60.0, **kwargs) -> None:

@@ -190,7 +190,17 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, dataset, t
     _check_output(str(output), dataset)
 
 
-def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path):
+@pytest.fixture
+def restore_tracking_uri():
+    """The job sets MLflow's process-wide tracking URI (and its env var); put it back after."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_tracking_uri):
     output = tmp_path / "out"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--manifest", dataset["manifest"], "--model", dataset["model_uri"], "--output", str(output),
@@ -218,14 +228,14 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path):
     _check_output(str(output), dataset)
     live = {storage.ShardCommit.from_json(b.decode(), n).attempt for n, b in now.items()}
     assert {p.name for p in (output / "_attempts").iterdir()} == live  # crashed parts removed
-    import mlflow
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking)
-    run = mlflow.search_runs(experiment_names=["extract"], output_format="list")[0]
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("extract").experiment_id])
+    run = next(r for r in runs if r.info.status == "FINISHED")
     assert run.data.metrics["failures"] == 3 and run.data.metrics["images_per_s"] > 0
     assert run.data.metrics["shards_skipped"] == len(first)
-    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} >= {
-        "_COMMITTED.json", "ds_stats.txt"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"_COMMITTED.json", "ds_stats.txt"}
     assert not any("secret" in k.lower() for k in run.data.params)
 
 
