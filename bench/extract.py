@@ -1,6 +1,7 @@
 """Global-descriptor extraction speed: CVNet.global_descriptor (3 scales) at 1024x768, per mode.
 
-Modes: fp32 (exact, the default), fp32 + channels_last, bf16 autocast, bf16 + channels_last.
+Modes: fp32 contiguous, fp32 + channels_last (what ``load_model`` returns: exact within
+1e-7), bf16 autocast, bf16 + channels_last (``precision="bf16"``: approximate, opt-in).
 Each row: images per second (best of --repeats calls over --images same-size images, which
 run as one batch per scale), CPU seconds per image (the machine may be shared: wall time
 then overstates the cost), peak memory of the timed call (the process's peak RSS, model

@@ -56,6 +56,7 @@ def test_bare_state_dict_file_loads_strictly(state, workdir):
     torch.save(state, path)
     model = cvnet.load_model(str(path))
     assert model.depth == 50 and not model.training
+    assert model.encoder_q.s3.b1.f.b.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_state(model, state)
 
 

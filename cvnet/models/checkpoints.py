@@ -127,11 +127,16 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], name: str,
 
 
 def load_model(source: Source, depth: int | None = None, device: str | torch.device = "cpu") -> CVNet:
-    """A CVNet in eval mode from a checkpoint path/URI or a state dict; depth inferred from the keys."""
+    """A CVNet in eval mode from a checkpoint path/URI or a state dict; depth inferred from the keys.
+
+    The global network is put in channels_last memory format: still fp32, within 1e-7 of
+    contiguous, and about 1.4x faster on the CPU (bench/extract.py).
+    """
     name = source_name(source)
     state = load_state(source)
     model = CVNet(depth or infer_depth(state, name))
     load_exact(model, state, name)
+    model.encoder_q.to(memory_format=torch.channels_last)
     return model.to(device).eval()
 
 
