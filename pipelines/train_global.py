@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cvnet import storage
-from cvnet.training.data import BatchLoader, TrainSet, worker_indices
+from cvnet.training.data import BatchLoader, load_train_set, worker_indices
 from cvnet.training.steps import (Stage1State, build_global_net, build_stage1, set_train_mode,
                                   train_step)
 
@@ -42,19 +42,6 @@ class Stage1Result:
     step: int
     resumed_from: list[int]
     metrics: dict[str, Any]
-
-
-def load_train_set(root: str, split: str) -> TrainSet:
-    """The labelled training images: a Parquet manifest or a GLDv2-format root."""
-    from cvnet.data.gldv2 import gldv2_manifest
-    from cvnet.data.manifest import read_manifest
-    from cvnet.training.data import train_set_from_manifest
-
-    if not root:
-        raise ValueError("data.root: empty; give a GLDv2 root or a manifest .parquet")
-    if root.endswith(".parquet"):
-        return train_set_from_manifest(read_manifest(root), split)
-    return train_set_from_manifest(gldv2_manifest(root, split=split), split)
 
 
 def _inject_fault(cfg: dict[str, Any], step: int, rank: int) -> None:

@@ -69,6 +69,18 @@ def train_set_from_manifest(table: pa.Table, split: str | None = None) -> TrainS
                     labels.astype(np.int64), landmark_ids)
 
 
+def load_train_set(root: str, split: str) -> TrainSet:
+    """The labelled training images: a Parquet manifest or a GLDv2-format root."""
+    from cvnet.data.gldv2 import gldv2_manifest
+    from cvnet.data.manifest import read_manifest
+
+    if not root:
+        raise ValueError("data.root: empty; give a GLDv2 root or a manifest .parquet")
+    if root.endswith(".parquet"):
+        return train_set_from_manifest(read_manifest(root), split)
+    return train_set_from_manifest(gldv2_manifest(root, split=split), split)
+
+
 def global_batch(train_set: TrainSet, step: int, global_size: int, seed: int,
                  sampling: str) -> np.ndarray:
     """Image indices of the whole (all workers) batch of ``step``; deterministic.
