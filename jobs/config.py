@@ -36,6 +36,8 @@ class ModelConfig(_Section):
     backbone_init: str | None = Field(None, description="ImageNet ResNet checkpoint path/URI")
     init_seed: int = Field(0, description="seed of the deterministic init without backbone_init")
     freeze_stages: int = Field(0, ge=0, le=4, description="freeze stem + s1..sN (0: none)")
+    center_head: bool = Field(False, description="fresh runs: centre the descriptors on a first "
+                                                "batch via the whitening bias")
 
 
 class LossConfig(_Section):

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from cvnet import storage
-from cvnet.training.data import BatchLoader, load_train_set, worker_indices
-from cvnet.training.steps import (Stage1State, build_global_net, build_stage1, set_train_mode,
-                                  train_step)
+from cvnet.training.data import BatchLoader, global_batch, load_train_set, worker_indices
+from cvnet.training.steps import (Stage1State, build_global_net, build_stage1, center_head,
+                                  set_train_mode, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE),
                                              map_location="cpu", weights_only=False))
         log.info("rank %d resumes at step %d", rank, state.step)
+    loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
+                         read_image_bytes)
+    set_train_mode(state.model, frozen)
+    if cfg["model"]["center_head"] and not checkpoint:  # same batch on every rank
+        first = global_batch(train_set, 0, optim["batch_size"] * world, cfg["seed"],
+                             data["sampling"])
+        queries, _, _ = loader.load(first, np.random.default_rng([cfg["seed"], -1]))
+        center_head(state.core.net, queries.to(device))
+        state.momentum.encoder.load_state_dict(state.core.net.state_dict())
     state.model = ray.train.torch.prepare_model(state.model)
     set_train_mode(state.model, frozen)
     state.momentum.follow_modes(state.core.net)
-    loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
-                         read_image_bytes)
     mlflow = _mlflow_on_rank0(cfg, rank, fresh=state.step == 0)
     every, max_steps = cfg["checkpoint"]["every_steps"], optim["max_steps"]
     seen, tic = 0, time.perf_counter()

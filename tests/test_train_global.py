@@ -157,6 +157,20 @@ def test_train_step_bf16_autocast_on_cpu():
     out = train_step(state, x, x, torch.tensor([0, 1]), 0.5, 0.5, bf16=True)
     assert np.isfinite(out["loss"]) and net.head.fc.weight.dtype == torch.float32
 
+
+def test_center_head_removes_the_common_descriptor_direction():
+    from cvnet.training.steps import build_global_net, center_head
+
+    net = build_global_net(50, init_seed=0).eval()
+    x = torch.randn(6, 3, 64, 64)
+    before = net(x)
+    center_head(net, x)
+    with torch.no_grad():
+        raw = net.head(net.forward_trunk(x))
+    assert raw.mean(dim=0).abs().max() < 1e-3 * raw.abs().max()
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert (net(x) @ net(x).T)[off].mean() < (before @ before.T)[off].mean()
+
 # ----------------------------------------------------------------------------- Ray Train (2 workers)
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,15 @@ def set_train_mode(model: nn.Module, frozen: Iterable[nn.Module]) -> None:
         module.eval()
 
 
+@torch.no_grad()
+def center_head(net: nn.Module, images: torch.Tensor) -> None:
+    """Set the whitening bias to ``-W mean(GeM(images))`` (net in its current mode): descriptors
+    start centred instead of sharing one dominant direction, which a randomly initialised trunk
+    produces and plain SGD on the bias removes only very slowly."""
+    pooled = net.head.pool(net.forward_trunk(images)).float()
+    net.head.fc.bias.copy_(-net.head.fc.weight @ pooled.mean(dim=0))
+
+
 def build_optimizer(model: Stage1Model, lr: float, head_lr_mult: float, momentum: float,
                     weight_decay: float) -> torch.optim.SGD:
     """SGD; the whitening FC, GeM ``p`` and class weights get ``lr * head_lr_mult``."""
