@@ -172,6 +172,24 @@ class ExtractActor:
                     errors[image_id] = f"{type(err).__name__}: {err}"
             return done, errors
 
+    def _rerank_levels(self, images: list[np.ndarray], ids: list[str], by_id: dict[str, np.ndarray],
+                       errors: dict[str, str]) -> dict[str, tuple]:
+        """Rerank pyramid levels by id when requested; an image whose features fail (e.g. too
+        small for the pyramid) moves from ``by_id`` to ``errors``, so it is a bad input, not half
+        an output."""
+        if not self.cfg.rerank_features:
+            return {}
+        levels = {}
+        for image_id, image in zip(ids, images):
+            if image_id not in by_id:
+                continue
+            try:
+                levels[image_id] = self.model.rerank_features(image).levels
+            except (ValueError, RuntimeError) as err:
+                del by_id[image_id]
+                errors[image_id] = f"rerank features: {type(err).__name__}: {err}"
+        return levels
+
     def _write(self, shard: str, kind: str, table: pa.Table, summary: list[dict]) -> None:
         rel = f"{storage.ATTEMPTS_DIR}/{self.attempt}/{shard}/{kind}-{uuid.uuid4().hex[:12]}.parquet"
         features.write_parquet(table, storage.join(self.cfg.output, rel))
@@ -183,6 +201,7 @@ class ExtractActor:
         good = [r for r in rows if r["error"] is None]
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in good]
         by_id, model_errors = self._describe(images, [r["image_id"] for r in good])
+        levels_by_id = self._rerank_levels(images, [r["image_id"] for r in good], by_id, model_errors)
         summary: list[dict] = []
         for shard in sorted({r["shard"] for r in rows}):
             in_shard = [r for r in rows if r["shard"] == shard]
@@ -197,7 +216,7 @@ class ExtractActor:
                 self._write(shard, "descriptors", features.descriptor_table(
                     ids, [r["landmark_id"] for r, _ in ok], X, self.desc_schema), summary)
                 if self.cfg.rerank_features:
-                    levels = [self.model.rerank_features(im).levels for _, im in ok]
+                    levels = [levels_by_id[i] for i in ids]
                     self._write(shard, "rerank", features.rerank_table(ids, levels, self.rerank_schema), summary)
             if bad:
                 self._write(shard, "bad_inputs", features.bad_inputs_table(bad), summary)

@@ -274,3 +274,26 @@ def test_gpu_actors_match_the_cpu_model(ray_local, dataset, tmp_path):
     output = str(tmp_path / "out")
     run_extract(_config(dataset, output, actor_gpus=0.5))
     _check_output(output, dataset, atol=1e-4)  # cuDNN kernels differ from the CPU ones in rounding
+
+
+def test_image_too_small_for_rerank_features_is_a_bad_input(dataset, tmp_path):
+    """A 16 px image has a descriptor but no rerank pyramid: with --rerank-features it is recorded
+    as a bad input (stage "model"), not written as a descriptor without its features."""
+    from dataclasses import asdict
+
+    from pipelines.extract import ExtractActor, decode_batch
+
+    tiny, normal = tmp_path / "tiny.jpg", tmp_path / "normal.jpg"
+    cv2.imwrite(str(tiny), np.full((16, 16, 3), 120, np.uint8))
+    cv2.imwrite(str(normal), dataset["images"]["g2"])
+    rows = pa.Table.from_pylist([
+        {"image_id": "tiny", "uri": str(tiny), "landmark_id": 1, "shard": "shard-00000"},
+        {"image_id": "normal", "uri": str(normal), "landmark_id": 2, "shard": "shard-00000"}])
+    cfg = _config(dataset, str(tmp_path / "out"), rerank_features=True)
+    actor = ExtractActor(asdict(cfg), attempt="a1", model_sha256="0" * 64)
+    parts = {p["kind"]: p for p in actor(decode_batch(rows)).to_pylist()}
+    assert parts["descriptors"]["image_ids"] == ["normal"]
+    assert parts["rerank"]["image_ids"] == ["normal"]
+    assert parts["bad_inputs"]["image_ids"] == ["tiny"]
+    bad = pq.read_table(str(tmp_path / "out" / parts["bad_inputs"]["file"])).to_pylist()
+    assert bad[0]["stage"] == "model" and "too small for the rerank pyramid" in bad[0]["error"]
