@@ -96,7 +96,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if cfg["model"]["center_head"] and not checkpoint:  # same batch on every rank
         first = global_batch(train_set, 0, optim["batch_size"] * world, cfg["seed"],
                              data["sampling"])
-        queries, _, _ = loader.load(first, np.random.default_rng([cfg["seed"], -1]))
+        queries, _, _ = loader.load(first, np.random.default_rng([cfg["seed"], 2**31]))
         center_head(state.core.net, queries.to(device))
         state.momentum.encoder.load_state_dict(state.core.net.state_dict())
     state.model = ray.train.torch.prepare_model(state.model)
