@@ -17,7 +17,7 @@ from torch import nn
 
 from cvnet.models.global_net import DEFAULT_SCALES, GlobalNet, check_image, multiscale_descriptors, to_batch
 from cvnet.models.rerank import CVLearner, RerankFeatures, compute_rerank_features, make_conv2ds
-from cvnet.models.rerank import _precision_context as precision_context
+from cvnet.models.precision import precision_context
 from cvnet.models.rerank import match_probability as rerank_match_probability
 
 

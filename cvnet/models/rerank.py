@@ -14,7 +14,6 @@ from __future__ import annotations
 import struct
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
+from cvnet.models.precision import precision_context
 from cvnet.models.correlation import (
     PYRAMID_SCALES,
     correlation_4d,
@@ -32,7 +32,6 @@ from cvnet.models.correlation import (
 
 FEATURE_CHANNELS = 1024
 LEVEL_CHANNELS = 256
-PRECISIONS = ("fp32", "bf16")
 MAX_BATCH_POSITIONS = 1 << 25  # 4D positions per batch: 3 pairs of 48x64 maps (about 1 GiB peak)
 
 
@@ -176,7 +175,7 @@ def compute_rerank_features(feature_map: torch.Tensor, conv2ds: nn.ModuleList) -
         raise ValueError(f"feature_map {h}x{w} is too small for the rerank pyramid: needs at least 2x2 (images of 17x17 px)")
     if not torch.isfinite(feature_map).all():
         raise ValueError("feature_map has non-finite values")
-    with _precision_context(feature_map.device, "fp32"):
+    with precision_context(feature_map.device, "fp32"):
         levels = pyramid_levels(feature_map.unsqueeze(0).float(), conv2ds)
     return RerankFeatures(tuple(level[0].cpu().numpy() for level in levels))
 
@@ -188,17 +187,6 @@ def _device_of(module: nn.Module) -> torch.device:
 def _stacked_levels(features: Sequence[RerankFeatures], device: torch.device) -> list[torch.Tensor]:
     """Per pyramid level, a (B, 256, h_s, w_s) tensor of features that share one size."""
     return [torch.stack([torch.from_numpy(f.levels[s]) for f in features]).to(device) for s in range(len(PYRAMID_SCALES))]
-
-
-def _precision_context(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16 autocast, or exact fp32 (TF32 convs off on CUDA, where cuDNN enables them by default)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if device.type == "cuda":
-        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -223,7 +211,7 @@ def match_probability(
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, key in enumerate(keys):
         by_size[key.size].append(index)
-    with _precision_context(device, precision):
+    with precision_context(device, precision):
         query_levels = _stacked_levels([query], device)
         for (hk, wk), indices in by_size.items():
             step = batch_size or max(1, MAX_BATCH_POSITIONS // (query.size[0] * query.size[1] * hk * wk))
