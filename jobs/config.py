@@ -58,6 +58,7 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=2, description="images per worker per step")
+    clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm (None: no clipping)")
 
 
 class ScalingSection(_Section):

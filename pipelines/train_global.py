@@ -113,7 +113,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                  data["sampling"])
         queries, keys, labels = loader.load(indices, np.random.default_rng([cfg["seed"], step, rank]))
         metrics = train_step(state, queries.to(device), keys.to(device), labels.to(device),
-                             loss_cfg["lambda_cls"], loss_cfg["lambda_con"], cfg["scaling"]["bf16"])
+                             loss_cfg["lambda_cls"], loss_cfg["lambda_con"], cfg["scaling"]["bf16"],
+                             optim["clip_grad_norm"])
         seen += len(indices) * world
         if mlflow and (state.step % cfg["log_every"] == 0 or state.step == max_steps):
             elapsed = time.perf_counter() - tic

@@ -146,6 +146,24 @@ def test_train_step_cpu_updates_everything_and_state_round_trips():
 
 
 
+def test_train_step_clips_the_global_gradient_norm():
+    """With clip_grad_norm the applied gradient has at most that norm; grad_norm reports the
+    norm before clipping (a random trunk's first gradients are far larger)."""
+    from cvnet.training.steps import build_global_net, build_stage1, train_step
+
+    cfg = load_config(TrainGlobalConfig, None, TINY + ["optim.momentum=0", "optim.weight_decay=0"])
+    net = build_global_net(50, init_seed=0)
+    state, _ = build_stage1(net, 3, cfg.loss.model_dump(), cfg.optim.model_dump(), 3)
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters() if p.requires_grad}
+    x = torch.randn(4, 3, 64, 64)
+    out = train_step(state, x, x.flip(3), torch.tensor([0, 1, 2, 0]), 0.5, 0.5, clip_grad_norm=0.01)
+    lr = out["lr"]
+    step = torch.cat([(before[n] - p.detach()).flatten() for n, p in state.model.named_parameters()
+                      if p.requires_grad])
+    assert out["grad_norm"] > 0.01
+    assert float(step.norm()) / lr == pytest.approx(0.01, rel=1e-3)
+
+
 def test_train_step_bf16_autocast_on_cpu():
     """The mixed-precision path (bf16 autocast) runs and keeps fp32 master weights."""
     from cvnet.training.steps import build_global_net, build_stage1, train_step

@@ -135,8 +135,13 @@ class Stage1State:
 
 def train_step(state: Stage1State, queries: torch.Tensor, keys: torch.Tensor,
                labels: torch.Tensor, lambda_cls: float, lambda_con: float,
-               bf16: bool = False) -> dict[str, float]:
-    """One step: losses, backward, SGD + schedule, EMA update, enqueue of gathered keys."""
+               bf16: bool = False, clip_grad_norm: float | None = None) -> dict[str, float]:
+    """One step: losses, backward, SGD + schedule, EMA update, enqueue of gathered keys.
+
+    ``clip_grad_norm`` rescales the (all-reduced) gradient to at most that global norm; a
+    randomly initialised trunk starts with gradient norms in the hundreds, which otherwise
+    throw the first steps far off. The returned ``grad_norm`` is the norm before clipping.
+    """
     device_type = queries.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         descriptors, loss_cls = state.model(queries, labels)
@@ -151,6 +156,8 @@ def train_step(state: Stage1State, queries: torch.Tensor, keys: torch.Tensor,
         raise FloatingPointError(f"step {state.step}: loss is {loss.item()}")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    trainable = [p for p in state.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_grad_norm or float("inf"))
     state.optimizer.step()
     lr = state.optimizer.param_groups[0]["lr"]
     state.scheduler.step()
@@ -158,7 +165,7 @@ def train_step(state: Stage1State, queries: torch.Tensor, keys: torch.Tensor,
     state.queue.enqueue(key_desc, key_labels)
     state.step += 1
     return {"loss": loss.item(), "loss_cls": loss_cls.item(), "loss_con": loss_con.item(),
-            "lr": lr, "t_cls": state.core.cls_loss.margin.t.item(),
+            "lr": lr, "grad_norm": float(grad_norm), "t_cls": state.core.cls_loss.margin.t.item(),
             "t_con": state.con_loss.margin.t.item()}
 
 
