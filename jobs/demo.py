@@ -15,7 +15,7 @@ from jobs.cli import entrypoint
 
 HELP = "end-to-end demo: synth -> train-global (2 DDP workers) -> extract -> evaluate"
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-SYNTH = {"seed": 0, "landmarks": 40, "images_per_landmark": 8, "queries": 20,
+SYNTH = {"seed": 0, "landmarks": 100, "images_per_landmark": 12, "queries": 20,
          "distractors": 60, "size": 128}
 
 
