@@ -48,7 +48,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it the driver log fills with "Failed to query ... actor state" warnings.
+        kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
         log.info("starting a local Ray cluster")
     else:
         log.info("attaching to Ray at %s", address)

@@ -116,10 +116,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                              loss_cfg["lambda_cls"], loss_cfg["lambda_con"], cfg["scaling"]["bf16"],
                              optim["clip_grad_norm"])
         seen += len(indices) * world
-        if mlflow and (state.step % cfg["log_every"] == 0 or state.step == max_steps):
-            elapsed = time.perf_counter() - tic
-            mlflow.log_metrics({**metrics, "images_per_s": seen / elapsed}, step=state.step)
+        if rank == 0 and (state.step % cfg["log_every"] == 0 or state.step == max_steps):
+            metrics["images_per_s"] = seen / (time.perf_counter() - tic)
             seen, tic = 0, time.perf_counter()
+            print(f"[train-global] step {state.step}/{max_steps} loss {metrics['loss']:.3f} "
+                  f"(cls {metrics['loss_cls']:.3f}, con {metrics['loss_con']:.3f}) "
+                  f"lr {metrics['lr']:.4f} {metrics['images_per_s']:.1f} images/s", flush=True)
+            if mlflow:
+                mlflow.log_metrics(metrics, step=state.step)
         if state.step % every == 0 or state.step == max_steps:
             folder = _save(state, train_set.landmark_ids, cfg["model"]["depth"]) if rank == 0 else None
             ray.train.report(
