@@ -12,12 +12,6 @@ Usage: python bench/extract.py [--images 2] [--size 1024x768] [--device cpu|cuda
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import re
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,28 +19,10 @@ import torch
 
 import cvnet
 from cvnet.models.synthetic_weights import synthetic_state_dict
+from timing import measure
 
 MODES = (("fp32", "fp32", False), ("fp32 channels_last", "fp32", True),
          ("bf16 autocast", "bf16", False), ("bf16 channels_last", "bf16", True))
-
-
-def peak_rss_mib() -> float:
-    """The process's peak RSS (VmHWM) since the last reset."""
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float, float, float]:
-    """(result, best wall s, best CPU s, peak RSS MiB) of ``fn``; RSS peak reset first."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so RSS peaks are per mode
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    wall = cpu = float("inf")
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, time.process_time() - start_cpu)
-    return result, wall, cpu, peak_rss_mib()
 
 
 def make_images(n: int, width: int, height: int) -> list[np.ndarray]:
@@ -65,7 +41,8 @@ def run_mode(model: cvnet.CVNet, images: list[np.ndarray], precision: str, chann
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    desc, seconds, cpu, rss = timed(call, args.repeats)
+    run = measure(call, args.repeats, trim_heap=True)
+    desc, seconds, cpu, rss = run.result, run.wall, run.cpu, run.peak_mib
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else rss
     return desc, seconds, cpu, peak
 

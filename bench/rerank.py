@@ -15,13 +15,8 @@ rerank workers (peak MiB then only counts heap growth, an underestimate). Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import re
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,27 +29,9 @@ from cvnet.models.rerank import (
     match_probability_reference,
 )
 from cvnet.models.synthetic_weights import synthetic_state_dict
+from timing import measure
 
-STATUS = Path("/proc/self/status")
 HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-
-
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", STATUS.read_text()).group(1))
-
-
-def measure(fn: Callable[[], object], repeats: int) -> tuple[object, float, float, float]:
-    """(result, best wall seconds, best CPU seconds, peak RSS growth in MiB) of ``fn``."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = _rss_kib("VmRSS")
-    wall = cpu = float("inf")
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, time.process_time() - start_cpu)
-    return result, wall, cpu, (_rss_kib("VmHWM") - base) / 1024
 
 
 def load_weights(seed: int) -> tuple[torch.nn.ModuleList, CVLearner]:
@@ -72,15 +49,18 @@ def bench_size(h: int, w: int, args: argparse.Namespace, conv2ds, learner) -> li
     query_map, key_maps = maps[0], maps[1:]
     n_ref = min(args.reference_pairs, len(key_maps))
 
-    ref_scores, ref_wall, ref_cpu, ref_mem = measure(
+    ref = measure(
         lambda: np.array([match_probability_reference(learner, conv2ds, query_map, k) for k in key_maps[:n_ref]]), 1
     )
+    ref_scores, ref_wall, ref_cpu, ref_mem = ref.result, ref.wall, ref.cpu, ref.growth_mib
     rows = [("(a) reference, per pair", ref_wall / n_ref, ref_cpu / n_ref, ref_mem, 0.0)]
-    feats, feat_wall, feat_cpu, _ = measure(lambda: [compute_rerank_features(m, conv2ds) for m in maps], 1)
+    feat = measure(lambda: [compute_rerank_features(m, conv2ds) for m in maps], 1)
+    feats, feat_wall, feat_cpu = feat.result, feat.wall, feat.cpu
     for label, precision in (("(b) fast fp32", "fp32"), ("(c) fast bf16", "bf16")):
-        scores, wall, cpu, mem = measure(
+        fast = measure(
             lambda: match_probability(learner, feats[0], feats[1:], args.batch_size, precision), args.repeats
         )
+        scores, wall, cpu, mem = fast.result, fast.wall, fast.cpu, fast.growth_mib
         err = float(np.abs(scores[:n_ref] - ref_scores).max())
         rows.append((f"{label}, {args.candidates} candidates", wall / args.candidates, cpu / args.candidates, mem, err))
     rows.append(("per-image features (once per image, per image)", feat_wall / len(maps), feat_cpu / len(maps), None, None))

@@ -1,0 +1,46 @@
+"""Timing and peak-memory measurement shared by the benchmarks (Linux /proc)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATUS = Path("/proc/self/status")
+
+
+def rss_kib(field: str) -> int:
+    """A memory field of this process (``VmRSS``, ``VmHWM``) in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", STATUS.read_text()).group(1))
+
+
+@dataclass
+class Measurement:
+    result: Any
+    wall: float  # best wall seconds over the repeats
+    cpu: float  # best process CPU seconds (all threads)
+    peak_mib: float  # peak RSS during the calls
+    growth_mib: float  # peak RSS minus the RSS before the calls
+
+
+def measure(fn: Callable[[], Any], repeats: int, trim_heap: bool = False) -> Measurement:
+    """Run ``fn`` ``repeats`` times; the peak RSS counter is reset first (``trim_heap`` also
+    hands freed heap back to the kernel, so each mode's peak is its own)."""
+    gc.collect()
+    if trim_heap:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = rss_kib("VmRSS")
+    wall = cpu = float("inf")
+    result = None
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    peak = rss_kib("VmHWM")
+    return Measurement(result, wall, cpu, peak / 1024, (peak - base) / 1024)
