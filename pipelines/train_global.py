@@ -88,7 +88,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE),
-                                             map_location="cpu", weights_only=False))
+                                             map_location="cpu", weights_only=True))
         log.info("rank %d resumes at step %d", rank, state.step)
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
                          read_image_bytes)
@@ -224,7 +224,7 @@ def load_trained_net(checkpoint_path: str) -> torch.nn.Module:
     fs, folder = storage.filesystem(checkpoint_path)
     meta = json.loads(fs.cat_file(storage.join(folder, META_FILE)))
     with fs.open(storage.join(folder, STATE_FILE), "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     net = build_global_net(meta["depth"], 0)
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()
