@@ -88,3 +88,49 @@ def test_momentum_out_of_range_is_named():
 def test_gather_is_identity_without_distributed():
     x = torch.arange(4.0)
     assert gather_from_workers(x) is x
+
+
+class _BatchTag(nn.Module):
+    """Per sample: its own two values plus the mean of column 0 over the batch it was encoded in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x[:, :1].mean(0, keepdim=True).expand(x.shape[0], 1)], dim=1)
+
+
+def _shuffle_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from cvnet.training.momentum import shuffled_keys
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        keys = torch.stack([torch.full((8,), float(rank)), rank * 8 + torch.arange(8.0)], dim=1)
+        torch.save(shuffled_keys(MomentumEncoder(_BatchTag()), keys, seed=3), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffled_keys_mix_workers_and_restore_rank_order(tmp_path):
+    """Under 2-process gloo DDP every worker gets all keys back in rank order, but each worker's
+    encoder batch mixed both workers' keys (shuffling BN), identically on both workers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_shuffle_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    out0, out1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(out0, out1)
+    expected = torch.stack([torch.repeat_interleave(torch.tensor([0.0, 1.0]), 8), torch.arange(16.0)], 1)
+    assert torch.equal(out0[:, :2], expected)  # every key once, in rank order
+    assert all(0.0 < m < 1.0 for m in out0[:, 2].tolist())  # each encoder batch held both workers' keys
+
+
+def test_shuffled_keys_without_distributed_is_the_encoder():
+    from cvnet.training.momentum import shuffled_keys
+
+    keys = torch.randn(4, 2)
+    encoder = MomentumEncoder(_BatchTag())
+    assert torch.equal(shuffled_keys(encoder, keys, seed=0), encoder(keys))

@@ -71,6 +71,35 @@ class LabelledQueue(nn.Module):
         self.ptr.add_(n).remainder_(self.size)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def shuffled_keys(encoder: MomentumEncoder, keys: torch.Tensor, seed: int) -> torch.Tensor:
+    """Momentum descriptors of every worker's keys, (world * B, D) in rank order.
+
+    Under DDP the keys are shuffled across workers before the encoder runs and unshuffled after
+    (MoCo's "shuffling BN"): otherwise a worker's BatchNorm normalises its own keys together
+    with its own queries, and the contrastive loss learns to tell this worker's keys (the
+    positives) from the other workers' by their batch statistics instead of by content. The
+    permutation comes from ``seed`` (the step), so every worker draws the same one.
+    """
+    rank, world = _world()
+    if world == 1:
+        return encoder(keys)
+    everyone = gather_from_workers(keys)
+    order = torch.randperm(everyone.shape[0], generator=torch.Generator().manual_seed(seed))
+    mine = order[rank * keys.shape[0]:(rank + 1) * keys.shape[0]].to(keys.device)
+    shuffled = gather_from_workers(encoder(everyone[mine]).contiguous())
+    out = torch.empty_like(shuffled)
+    out[order.to(out.device)] = shuffled
+    return out
+
+
 def gather_from_workers(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) from all DDP workers, in rank order."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

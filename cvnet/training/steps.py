@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from cvnet.training.losses import CurricularFaceLoss, MomentumContrastiveLoss
-from cvnet.training.momentum import LabelledQueue, MomentumEncoder, gather_from_workers
+from cvnet.training.momentum import (LabelledQueue, MomentumEncoder, gather_from_workers,
+                                     shuffled_keys)
 
 STAGES = ("stem", "s1", "s2", "s3", "s4")
 
@@ -145,8 +146,7 @@ def train_step(state: Stage1State, queries: torch.Tensor, keys: torch.Tensor,
     device_type = queries.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         descriptors, loss_cls = state.model(queries, labels)
-        key_desc = state.momentum(keys)
-    key_desc = gather_from_workers(key_desc.float().contiguous())
+        key_desc = shuffled_keys(state.momentum, keys, seed=state.step).float()
     key_labels = gather_from_workers(labels)
     bank = torch.cat([key_desc, state.queue.descriptors])
     bank_labels = torch.cat([key_labels, state.queue.labels])
