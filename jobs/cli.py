@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from types import ModuleType
 
@@ -59,21 +58,11 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
-def prepare_local_ray(args: argparse.Namespace) -> None:
-    """A job that will start its own local Ray keeps it on loopback: Ray reads these settings
-    when it is imported, so they are set before any job code runs. Jobs attached to a cluster
-    (``--address`` / ``RAY_ADDRESS``) keep the cluster's own networking."""
-    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):
-        return
-    from pipelines.ray_runtime import LOCAL_RAY_ENV
-
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def run_job(run, args: argparse.Namespace, name: str) -> int:
     """Run a job; an exception ends it with a one-line error (``-v`` shows the traceback)."""
-    prepare_local_ray(args)
+    from pipelines.ray_runtime import use_local_ray_env
+
+    use_local_ray_env(getattr(args, "address", None))  # before any job code imports ray
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:

@@ -34,13 +34,22 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def use_local_ray_env(address: str | None = None) -> None:
+    """Keep a Ray that this process will start on loopback (``LOCAL_RAY_ENV``). Ray reads these
+    settings when it is imported, so call this first; a process attaching to a cluster
+    (``address`` / ``RAY_ADDRESS``) keeps the cluster's own networking."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray cluster.
 
     Idempotent: does nothing when Ray is already initialised in this process.
     """
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_ray_env(address)
     import ray
 
     if ray.is_initialized():

@@ -102,8 +102,9 @@ def shuffled_keys(encoder: MomentumEncoder, keys: torch.Tensor, seed: int) -> to
 
 def gather_from_workers(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) from all DDP workers, in rank order."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    _, world = _world()
+    if world == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    parts = [torch.empty_like(tensor) for _ in range(world)]
     torch.distributed.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
