@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -65,6 +66,17 @@ def _save(state: Stage1State, landmark_ids: np.ndarray, depth: int) -> str:
     return folder
 
 
+def _quiet_report_log() -> None:
+    """Keep Ray Train's INFO line per ``report`` (the whole metrics dict, every rank) off the
+    console: Ray 2.60 logs it under a logger named by its source file, outside ``ray.train``,
+    where ``LoggingConfig(log_level)`` does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """The Ray Train worker function (plain torch inside, Ray only for context and reports)."""
     import ray.train
@@ -72,6 +84,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from cvnet.data.manifest import read_image_bytes
 
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["scaling"]["cpus_per_worker"])))
@@ -119,17 +132,26 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0 and (state.step % cfg["log_every"] == 0 or state.step == max_steps):
             metrics["images_per_s"] = seen / (time.perf_counter() - tic)
             seen, tic = 0, time.perf_counter()
-            print(f"[train-global] step {state.step}/{max_steps} loss {metrics['loss']:.3f} "
-                  f"(cls {metrics['loss_cls']:.3f}, con {metrics['loss_con']:.3f}) "
-                  f"lr {metrics['lr']:.4f} {metrics['images_per_s']:.1f} images/s", flush=True)
+            # the logger, not print: Ray Train tees a worker's print to the console twice
+            log.info("[train-global] step %d/%d loss %.3f (cls %.3f, con %.3f) lr %.4f "
+                     "%.1f images/s", state.step, max_steps, metrics["loss"],
+                     metrics["loss_cls"], metrics["loss_con"], metrics["lr"],
+                     metrics["images_per_s"])
             if mlflow:
                 mlflow.log_metrics(metrics, step=state.step)
         if state.step % every == 0 or state.step == max_steps:
             folder = _save(state, train_set.landmark_ids, cfg["model"]["depth"]) if rank == 0 else None
-            ray.train.report(
-                {"step": state.step, **metrics},
-                checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
-                checkpoint_dir_name=f"step_{state.step:08d}")
+            try:  # SYNC upload: the store has its copy once report returns
+                ray.train.report(
+                    {"step": state.step, **metrics},
+                    checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
+                    checkpoint_dir_name=f"step_{state.step:08d}")
+                if folder:
+                    log.info("[train-global] checkpoint step_%08d saved in %s", state.step,
+                             storage.redact(cfg["_run_dir"]))
+            finally:
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
     _write_bad_inputs(cfg, loader, rank)
 
 
@@ -205,6 +227,8 @@ def fit_stage1(cfg: dict[str, Any], mlflow_run_id: str | None = None,
         run_config=ray.train.RunConfig(
             name=cfg["name"], storage_path=storage_path, storage_filesystem=storage_fs,
             worker_runtime_env={"env_vars": worker_env()},
+            # Ray Train's per-report INFO lines stay in its log files, off the console
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck["num_to_keep"]),
             failure_config=ray.train.FailureConfig(
                 max_failures=ck["max_failures"],

@@ -4,6 +4,7 @@ MLflow server recording the run."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -249,10 +250,13 @@ def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny
     store = str(workdir / "store")
     cfg = _tiny_cfg("crash", store, tiny_synth,
                     ["fault_injection_step=3", "checkpoint.max_failures=0"])
+    staged = set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*"))
     with pytest.raises(TrainingFailedError):
         fit_stage1(cfg.model_dump())
     result = fit_stage1(cfg.model_dump())
     assert result.step == 4 and result.resumed_from == [2]
+    # each checkpoint's local staging folder is gone once the store has it
+    assert set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*")) <= staged
     meta = json.loads((workdir / "store" / "checkpoints" / "crash" / "step_00000004" /
                        "stage1_meta.json").read_text())
     assert meta["step"] == 4 and len(meta["landmark_ids"]) == 6
