@@ -30,7 +30,7 @@ def test_config_file_and_overrides():
                       ["optim.lr=0.5", "data.flip=false", "model.backbone_init=/x/r50.pth"])
     assert cfg.optim.lr == 0.5 and cfg.data.flip is False
     assert cfg.model.backbone_init == "/x/r50.pth"
-    assert (cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.model.depth) == (1, 2.0, 50)
+    assert (cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.model.depth) == (2, 1.0, 50)
 
 
 @pytest.mark.parametrize("override,match", [
