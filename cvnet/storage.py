@@ -133,9 +133,11 @@ def attempt_uri(output: str, attempt: str, shard: str) -> str:
 
 
 def put_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
-    """Write ``data`` so that readers see either nothing or the whole object.
+    """Write ``data`` so that readers see either nothing (or the old object) or the whole one.
 
-    With ``exclusive``, an existing object is left alone and ``False`` is returned (atomic on a
+    On S3 one PUT; locally a hidden temporary file (``.<name>.<hex>.tmp``, skipped by folder
+    readers), fsynced, then renamed over ``uri``, and removed if anything fails. With
+    ``exclusive``, an existing object is left alone and ``False`` is returned (atomic on a
     local disk through ``link``; on S3 a check before the single PUT).
     """
     fs, path = filesystem(uri)
@@ -144,22 +146,25 @@ def put_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
             return False
         fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
         return True
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if not exclusive:
-        os.replace(tmp, path)
-        return True
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
     finally:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_text(uri: str) -> str:

@@ -12,10 +12,8 @@ rescans it and never extracts the whole tar.
 """
 from __future__ import annotations
 
-import os
 import tarfile
 import threading
-import uuid
 from collections import OrderedDict
 from typing import BinaryIO
 
@@ -24,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cvnet.storage import filesystem, is_remote, redact
+from cvnet.storage import filesystem, put_atomic, redact
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -109,27 +107,11 @@ def read_manifest(uri: str) -> pa.Table:
 
 
 def write_manifest(table: pa.Table, uri: str) -> None:
-    """Write a validated manifest as one Parquet file, atomically.
-
-    Locally the file is written under a temporary name and renamed; on object stores the
-    file is uploaded in one PUT, which is atomic there.
-    """
+    """Write a validated manifest as one Parquet file, atomically (:func:`storage.put_atomic`)."""
     table = validate_manifest(table, uri)
-    fs, path = filesystem(uri)
-    if is_remote(uri):
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        fs.pipe_file(path, sink.getvalue().to_pybytes())
-        return
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    put_atomic(uri, sink.getvalue().to_pybytes())
 
 
 # ---- tar shards -----------------------------------------------------------------------------

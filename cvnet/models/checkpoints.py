@@ -12,9 +12,7 @@ import io
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,25 +148,6 @@ def _check_metadata(metadata: Mapping[str, Any]) -> None:
         raise ValueError(f"checkpoint metadata must be JSON-like (str, numbers, lists, dicts): {err}") from None
 
 
-def write_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` so readers see the old file or the whole new one (rename locally, one PUT on S3)."""
-    fs, path = storage.filesystem(uri)
-    if storage.is_remote(uri):
-        fs.pipe_file(path, data)
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(model: CVNet, uri: str, metadata: dict | None = None) -> None:
     """Save ``{"model_state": ..., "cvnet": {"format": 1, "depth": ..., **metadata}}`` atomically."""
     metadata = dict(metadata or {})
@@ -176,7 +155,7 @@ def save_checkpoint(model: CVNet, uri: str, metadata: dict | None = None) -> Non
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"model_state": state, "cvnet": {"format": FORMAT_VERSION, "depth": model.depth, **metadata}}, buffer)
-    write_atomic(os.fspath(uri), buffer.getvalue())
+    storage.put_atomic(os.fspath(uri), buffer.getvalue())
 
 
 _TORCHVISION_LEAVES = {"conv1": "f.a", "bn1": "f.a_bn", "conv2": "f.b", "bn2": "f.b_bn", "conv3": "f.c",
