@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from jobs.config import TrainGlobalConfig, load_config
     from jobs.evaluate import format_table
     from jobs.train_global import eval_metrics, export_model, train
-    from pipelines.train_global import load_trained_net
 
     started = time.monotonic()
     store = args.store or storage.default_store()
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = db_manifest(bench, storage.join(store, "datasets", "roxsynth_db.parquet"))
     results = {}
     for label, net, uri in (("initial", initial, initial_uri),
-                            ("trained", load_trained_net(outcome.checkpoint_path), outcome.model_uri)):
+                            ("trained", outcome.net, outcome.model_uri)):
         output = storage.join(store, "features", f"{cfg.name}-{label}", "roxsynth_db")
         results[label] = extract_and_evaluate(net, uri, bench, manifest, output, cfg.eval.scales)
     with mlflow.start_run(run_id=outcome.run_id):

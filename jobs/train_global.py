@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jobs.cli import entrypoint
@@ -38,6 +39,7 @@ class TrainOutcome:
     checkpoint_path: str
     step: int
     resumed_from: list[int]
+    net: Any  # the trained global network (eval mode)
     metrics: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
 
@@ -86,15 +88,15 @@ def train(cfg: Any) -> TrainOutcome:
         result = fit_stage1(cfg.model_dump(), run_id, tracking_uri)
         net = load_trained_net(result.checkpoint_path)
         model_uri = storage.join(store, "models", cfg.name, "cvnet_global.pth")
-        export_model(net, model_uri, {"step": result.step, "train_name": cfg.name})
+        with tempfile.TemporaryDirectory() as tmp:  # one export: the store's copy and MLflow's
+            local = os.path.join(tmp, "cvnet_global.pth")
+            export_model(net, local, {"step": result.step, "train_name": cfg.name})
+            storage.put_atomic(model_uri, Path(local).read_bytes())
+            mlflow.log_artifact(local, artifact_path="model")
         metrics: dict[str, float] = {}
         if cfg.eval.benchmark:
             metrics = eval_metrics("eval", evaluate_global(net, cfg.eval.benchmark, cfg.eval.scales))
             mlflow.log_metrics(metrics, step=result.step)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "cvnet_global.pth")
-            export_model(net, local, {"step": result.step, "train_name": cfg.name})
-            mlflow.log_artifact(local, artifact_path="model")
         version = None
         if cfg.register_as:
             version = register_model(cfg.register_as, f"{run.info.artifact_uri}/model", run_id,
@@ -102,7 +104,7 @@ def train(cfg: Any) -> TrainOutcome:
     log.info("run %s: step %d, model %s, MLflow run %s at %s", cfg.name, result.step,
              storage.redact(model_uri), run_id, storage.redact(tracking_uri))
     return TrainOutcome(run_id, tracking_uri, model_uri, result.checkpoint_path, result.step,
-                        result.resumed_from, metrics, version)
+                        result.resumed_from, net, metrics, version)
 
 
 def run(args: argparse.Namespace) -> int:

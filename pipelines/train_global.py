@@ -42,7 +42,6 @@ class Stage1Result:
     checkpoint_path: str
     step: int
     resumed_from: list[int]
-    metrics: dict[str, Any]
 
 
 def _inject_fault(cfg: dict[str, Any], step: int, rank: int) -> None:
@@ -56,10 +55,10 @@ def _inject_fault(cfg: dict[str, Any], step: int, rank: int) -> None:
     raise InjectedFault(f"injected fault at step {step}")
 
 
-def _save(state: Stage1State, landmark_ids: np.ndarray, depth: int) -> str:
+def _save(state: Stage1State, landmark_ids: np.ndarray) -> str:
     folder = tempfile.mkdtemp(prefix="cvnet-stage1-")
     torch.save(state.state_dict(), os.path.join(folder, STATE_FILE))
-    meta = {"step": state.step, "depth": depth, "resumed_from": state.resumed_from,
+    meta = {"step": state.step, "depth": state.core.net.depth, "resumed_from": state.resumed_from,
             "landmark_ids": [int(x) for x in landmark_ids]}
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump(meta, f)
@@ -105,6 +104,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         log.info("rank %d resumes at step %d", rank, state.step)
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
                          read_image_bytes)
+    state.model.to(device)
     set_train_mode(state.model, frozen)
     if cfg["model"]["center_head"] and not checkpoint:  # same batch on every rank
         first = global_batch(train_set, 0, optim["batch_size"] * world, cfg["seed"],
@@ -112,8 +112,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         queries, _, _ = loader.load(first, np.random.default_rng([cfg["seed"], 2**31]))
         center_head(state.core.net, queries.to(device))
         state.momentum.encoder.load_state_dict(state.core.net.state_dict())
-    state.model = ray.train.torch.prepare_model(state.model)
-    set_train_mode(state.model, frozen)
+    state.model = ray.train.torch.prepare_model(state.model)  # keeps train/eval modes
     state.momentum.follow_modes(state.core.net)
     mlflow = _mlflow_on_rank0(cfg, rank, fresh=state.step == 0)
     every, max_steps = cfg["checkpoint"]["every_steps"], optim["max_steps"]
@@ -140,7 +139,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if mlflow:
                 mlflow.log_metrics(metrics, step=state.step)
         if state.step % every == 0 or state.step == max_steps:
-            folder = _save(state, train_set.landmark_ids, cfg["model"]["depth"]) if rank == 0 else None
+            folder = _save(state, train_set.landmark_ids) if rank == 0 else None
             try:  # SYNC upload: the store has its copy once report returns
                 ray.train.report(
                     {"step": state.step, **metrics},
@@ -152,7 +151,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             finally:
                 if folder:
                     shutil.rmtree(folder, ignore_errors=True)
-    _write_bad_inputs(cfg, loader, rank)
+    _write_bad_inputs(cfg, loader, rank, world)
 
 
 def _mlflow_on_rank0(cfg: dict[str, Any], rank: int, fresh: bool):
@@ -172,11 +171,11 @@ def _mlflow_on_rank0(cfg: dict[str, Any], rank: int, fresh: bool):
     return mlflow
 
 
-def _write_bad_inputs(cfg: dict[str, Any], loader: BatchLoader, rank: int) -> None:
+def _write_bad_inputs(cfg: dict[str, Any], loader: BatchLoader, rank: int, world: int) -> None:
     """Gather every worker's bad training images; rank 0 writes them as JSON to the run dir."""
     rows = list(loader.bad_inputs.values())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * torch.distributed.get_world_size()
+    if world > 1:
+        parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, rows)
         rows = [row for part in parts for row in part]
     if rank == 0 and rows:
@@ -188,13 +187,12 @@ def _write_bad_inputs(cfg: dict[str, Any], loader: BatchLoader, rank: int) -> No
 
 def _storage(root: str) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for Ray Train: s3fs wrapped for pyarrow remotely."""
+    fs, path = storage.filesystem(root)
     if not storage.is_remote(root):
-        fs, path = storage.filesystem(root)
         os.makedirs(path, exist_ok=True)
         return path, None
     import pyarrow.fs
 
-    fs, path = storage.filesystem(root)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
@@ -236,17 +234,21 @@ def fit_stage1(cfg: dict[str, Any], mlflow_run_id: str | None = None,
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg['name']}: finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, META_FILE)) as f:
-            meta = json.load(f)
-    return Stage1Result(storage.join(root, cfg["name"], os.path.basename(result.checkpoint.path)),
-                        meta["step"], meta["resumed_from"], dict(result.metrics or {}))
+    path = storage.join(root, cfg["name"], os.path.basename(result.checkpoint.path))
+    meta = _read_meta(path)
+    return Stage1Result(path, meta["step"], meta["resumed_from"])
+
+
+def _read_meta(checkpoint_path: str) -> dict[str, Any]:
+    """The small JSON beside a stage-1 checkpoint's state (read without fetching the state)."""
+    fs, folder = storage.filesystem(checkpoint_path)
+    return json.loads(fs.cat_file(storage.join(folder, META_FILE)))
 
 
 def load_trained_net(checkpoint_path: str) -> torch.nn.Module:
     """The trained global network (eval mode) from a stage-1 checkpoint folder (any URI)."""
+    meta = _read_meta(checkpoint_path)
     fs, folder = storage.filesystem(checkpoint_path)
-    meta = json.loads(fs.cat_file(storage.join(folder, META_FILE)))
     with fs.open(storage.join(folder, STATE_FILE), "rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     net = build_global_net(meta["depth"], 0)

@@ -113,14 +113,11 @@ def _shuffle_worker(rank: int, port: int, out_dir: str) -> None:
 def test_shuffled_keys_mix_workers_and_restore_rank_order(tmp_path):
     """Under 2-process gloo DDP every worker gets all keys back in rank order, but each worker's
     encoder batch mixed both workers' keys (shuffling BN), identically on both workers."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_shuffle_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    from conftest import free_port
+
+    mp.spawn(_shuffle_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     out0, out1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(out0, out1)
     expected = torch.stack([torch.repeat_interleave(torch.tensor([0.0, 1.0]), 8), torch.arange(16.0)], 1)

@@ -20,7 +20,7 @@ from torch import nn
 
 from cvnet import storage
 from cvnet.models.cvnet import CVNet
-from cvnet.models.resnet import STAGE_DEPTHS
+from cvnet.models.resnet import STAGE_DEPTHS, STAGES
 
 FORMAT_VERSION = 1
 StateDict = dict[str, torch.Tensor]
@@ -192,6 +192,6 @@ def load_imagenet_backbone(global_net: nn.Module, source: Source) -> None:
     else:
         state = {k.removeprefix("encoder_q."): v for k, v in state.items() if not k.startswith("head.")}
     trunk = nn.Module()
-    for child in ("stem", "s1", "s2", "s3", "s4"):
+    for child in STAGES:
         trunk.add_module(child, getattr(global_net, child))
     load_exact(trunk, state, name, optional=("num_batches_tracked",))

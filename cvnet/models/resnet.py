@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+STAGES = ("stem", "s1", "s2", "s3", "s4")  # the trunk's children, input to output
 STAGE_DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (output width, bottleneck width, stride) of s1..s4
 STAGE_WIDTHS: tuple[tuple[int, int, int], ...] = ((256, 64, 1), (512, 128, 2), (1024, 256, 2), (2048, 512, 2))

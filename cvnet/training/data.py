@@ -6,6 +6,7 @@ batch, no step-count deadlock) and a resumed run continues the sample order wher
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,8 +100,16 @@ def global_batch(train_set: TrainSet, step: int, global_size: int, seed: int,
         raise TrainDataError(f"training set: {len(train_set)} images < one global batch "
                              f"of {global_size}")
     epoch, offset = divmod(step, steps_per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(train_set))
+    perm = _epoch_order(seed, epoch, len(train_set))
     return perm[offset * global_size:(offset + 1) * global_size]
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The seeded image order of one epoch (read-only), drawn once per epoch, not per step."""
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    order.flags.writeable = False
+    return order
 
 
 def worker_indices(train_set: TrainSet, step: int, batch_size: int, rank: int, world_size: int,

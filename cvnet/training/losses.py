@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvnet.training.momentum import rank_and_world
+
 
 def _mean_over_workers(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar over all DDP workers (itself when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    _, world = rank_and_world()
+    if world > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
-        value /= torch.distributed.get_world_size()
+        value /= world
     return value
 
 

@@ -71,7 +71,7 @@ class LabelledQueue(nn.Module):
         self.ptr.add_(n).remainder_(self.size)
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when not distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -88,7 +88,7 @@ def shuffled_keys(encoder: MomentumEncoder, keys: torch.Tensor, seed: int) -> to
     positives) from the other workers' by their batch statistics instead of by content. The
     permutation comes from ``seed`` (the step), so every worker draws the same one.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return encoder(keys)
     everyone = gather_from_workers(keys)
@@ -102,7 +102,7 @@ def shuffled_keys(encoder: MomentumEncoder, keys: torch.Tensor, seed: int) -> to
 
 def gather_from_workers(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) from all DDP workers, in rank order."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(world)]

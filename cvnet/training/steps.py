@@ -14,12 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvnet.models.resnet import STAGES
 from cvnet.training.losses import CurricularFaceLoss, MomentumContrastiveLoss
 from cvnet.training.momentum import (LabelledQueue, MomentumEncoder, gather_from_workers,
                                      shuffled_keys)
-
-STAGES = ("stem", "s1", "s2", "s3", "s4")
-
 
 class Stage1Model(nn.Module):
     """The global network ``net`` and the classification loss over its descriptors."""
