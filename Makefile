@@ -5,9 +5,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Where no NVIDIA GPU is present pip takes the local CPU build of torch for this pin.
 TORCH_PIN ?= torch==2.13.*
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
-export RAY_AUTH_MODE ?= disabled
-export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install demo test bench clean
 

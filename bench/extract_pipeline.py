@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
+from pipelines.ray_runtime import LOCAL_RAY_ENV  # noqa: E402  (after the path insert)
+
+for key, value in {**LOCAL_RAY_ENV, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
     os.environ.setdefault(key, value)
 
 

@@ -26,19 +26,20 @@ def default_store() -> str:
     return os.environ.get("CVNET_STORE") or DEFAULT_STORE
 
 
-def s3_endpoint(endpoint_url: str | None = None) -> str | None:
-    """The S3 endpoint to use: explicit, else the standard environment variables."""
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+def s3_endpoint() -> str | None:
+    """The S3 endpoint to use, from the standard environment variables (``--endpoint-url``
+    sets them)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it (no scheme)."""
     protocol, path = fsspec.core.split_protocol(uri)
     protocol = protocol or "file"
     options: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
         protocol = "s3"
-        endpoint = s3_endpoint(endpoint_url)
+        endpoint = s3_endpoint()
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
     if protocol == "file":
@@ -225,9 +226,10 @@ def committed_files(output: str, name: str) -> list[str]:
             for rel in commit.files.get(name, [])]
 
 
-def commit_job(output: str, expected_hash: str, summary: Mapping[str, Any]) -> str:
-    """Write ``<output>/_COMMITTED.json``: every shard, its row counts, the config hash."""
-    shards = committed_shards(output, expected_hash)
+def commit_job(output: str, shards: Mapping[str, ShardCommit], expected_hash: str,
+               summary: Mapping[str, Any]) -> str:
+    """Write ``<output>/_COMMITTED.json``: every shard (``shards``: :func:`committed_shards`
+    with ``expected_hash``), its row counts, the config hash."""
     body = dict(summary, config_hash=expected_hash,
                 shards={k: {"attempt": c.attempt, "rows": c.rows} for k, c in sorted(shards.items())})
     uri = join(output, JOB_COMMIT)
@@ -235,9 +237,10 @@ def commit_job(output: str, expected_hash: str, summary: Mapping[str, Any]) -> s
     return uri
 
 
-def remove_orphan_attempts(output: str) -> list[str]:
-    """Delete attempt folders no commit refers to (left by crashed or duplicate attempts)."""
-    live = {c.attempt for c in committed_shards(output).values()}
+def remove_orphan_attempts(output: str, shards: Mapping[str, ShardCommit]) -> list[str]:
+    """Delete attempt folders no commit of ``shards`` (:func:`committed_shards`) refers to
+    (left by crashed or duplicate attempts)."""
+    live = {c.attempt for c in shards.values()}
     fs, path = filesystem(join(output, ATTEMPTS_DIR))
     fs.invalidate_cache(path)
     if not fs.exists(path):

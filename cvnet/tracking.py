@@ -72,12 +72,11 @@ def mlflow_run(
         yield run
 
 
-def register_model(name: str, source: str, run_id: str, alias: str | None = None,
+def register_model(name: str, source: str, run_id: str,
                    tags: Mapping[str, Any] | None = None) -> str:
     """Register ``source`` (an artifact URI of run ``run_id``) as a new version of ``name``.
 
-    Works for any artifact folder (no MLmodel needed); ``alias`` (e.g. ``champion``) is moved
-    to the new version when given. Returns the version number.
+    Works for any artifact folder (no MLmodel needed). Returns the version number.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -90,6 +89,4 @@ def register_model(name: str, source: str, run_id: str, alias: str | None = None
             raise
     version = client.create_model_version(name, source, run_id=run_id,
                                           tags={k: str(v) for k, v in (tags or {}).items()})
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

@@ -24,10 +24,6 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _job_module(name: str) -> ModuleType:
-    return importlib.import_module(COMMANDS[name])
-
-
 def available_commands() -> dict[str, ModuleType]:
     """The sub-commands whose modules are present, by name."""
     found = {}

@@ -200,8 +200,9 @@ class ExtractActor:
         rows = batch.to_pylist()
         good = [r for r in rows if r["error"] is None]
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in good]
-        by_id, model_errors = self._describe(images, [r["image_id"] for r in good])
-        levels_by_id = self._rerank_levels(images, [r["image_id"] for r in good], by_id, model_errors)
+        ids = [r["image_id"] for r in good]
+        by_id, model_errors = self._describe(images, ids)
+        levels_by_id = self._rerank_levels(images, ids, by_id, model_errors)
         summary: list[dict] = []
         for shard in sorted({r["shard"] for r in rows}):
             in_shard = [r for r in rows if r["shard"] == shard]
@@ -314,11 +315,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     processed = sum(len(todo[s]) for s in tracker.committed)
     all_shards = storage.committed_shards(cfg.output, chash)
     bad = sum(c.rows.get("bad_inputs", 0) for c in all_shards.values())
-    commit_uri = storage.commit_job(cfg.output, chash, {
+    commit_uri = storage.commit_job(cfg.output, all_shards, chash, {
         "manifest": storage.redact(cfg.manifest), "model": storage.redact(cfg.model),
         "model_sha256": model_sha, "images": manifest.num_rows, "bad_inputs": bad,
         "rerank_features": cfg.rerank_features, "float16": cfg.float16})
-    storage.remove_orphan_attempts(cfg.output)
+    storage.remove_orphan_attempts(cfg.output, all_shards)
     return ExtractResult(output=cfg.output, attempt=attempt, config_hash=chash, shards=len(shards),
                          shards_skipped=len(done), images=processed, bad_inputs=bad, seconds=seconds,
                          commit_uri=commit_uri, stats=stats, committed_now=tracker.committed)

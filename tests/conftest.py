@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ray_runtime import LOCAL_RAY_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Ray on a small loopback-only machine (see README); set before anything imports ray.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+for _key, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
@@ -155,11 +155,6 @@ def mlflow_server(s3_server, tmp_path_factory):
     finally:
         stop_process(proc)
         log.close()
-
-
-@pytest.fixture
-def parity_dir() -> Path:
-    return FIXTURES / "parity"
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def test_first_commit_wins_and_orphans_are_removed(output):
     assert storage.commit_shard(output, first) is True
     assert storage.commit_shard(output, second) is False
     assert storage.committed_shards(output)["shard-00000"].attempt == "a1"
-    removed = storage.remove_orphan_attempts(output)
+    removed = storage.remove_orphan_attempts(output, storage.committed_shards(output))
     assert [r.rstrip("/").rsplit("/", 1)[-1] for r in removed] == ["a2"]
     fs, path = storage.filesystem(storage.join(output, "_attempts"))
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] == ["a1"]
@@ -65,7 +65,8 @@ def test_commit_refuses_missing_files_and_other_configs(output):
 def test_job_commit_lists_shards_and_rows(output):
     storage.commit_shard(output, _write_shard(output, "a1", "shard-00000", 3))
     storage.commit_shard(output, _write_shard(output, "a2", "shard-00001", 2))
-    uri = storage.commit_job(output, "h1", {"images": 5})
+    uri = storage.commit_job(output, storage.committed_shards(output, "h1"), "h1",
+                             {"images": 5})
     fs, path = storage.filesystem(uri)
     body = json.loads(fs.cat_file(path))
     assert body["config_hash"] == "h1" and body["images"] == 5
