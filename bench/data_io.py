@@ -16,8 +16,6 @@ import argparse
 import shutil
 import tarfile
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -27,14 +25,9 @@ from cvnet.data.gldv2 import CSV_SPECS, gldv2_manifest, member_name, parse_gldv2
 from cvnet.data.manifest import clear_tar_cache, read_image_bytes, tar_index, tar_member_uri
 from cvnet.data.revisitop import load_ground_truth
 from cvnet.eval.revisitop import evaluate
+from timing import measure  # bench/timing.py
 
 GND = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "revisitop" / "gnd_roxford5k.pkl"
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -50,14 +43,14 @@ def main() -> None:
             f.write("id,url,landmark_id\n")
             for i in range(args.rows):
                 f.write(f"{i:016x},https://example.invalid/{i:016x}.jpg,{i % 81313}\n")
-        rows.append(("read_gldv2_csv train.csv (Arrow path)", args.rows, timed(lambda: read_gldv2_csv(str(csv_path)))))
+        rows.append(("read_gldv2_csv train.csv (Arrow path)", args.rows, measure(lambda: read_gldv2_csv(str(csv_path)), 1).wall))
 
         def row_by_row() -> None:
             with open(csv_path, newline="") as stream:
                 parse_gldv2_csv(stream, str(csv_path), CSV_SPECS["train.csv"])
-        rows.append(("parse_gldv2_csv (row by row, error path)", args.rows, timed(row_by_row)))
+        rows.append(("parse_gldv2_csv (row by row, error path)", args.rows, measure(row_by_row, 1).wall))
         rows.append(("gldv2_manifest train, folder layout", args.rows,
-                     timed(lambda: gldv2_manifest(str(tmp), "train", "folder"))))
+                     measure(lambda: gldv2_manifest(str(tmp), "train", "folder"), 1).wall))
 
         ids = [f"{i * 7919:016x}"[::-1] for i in range(args.images)]
         blob = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))[1].tobytes()
@@ -71,16 +64,16 @@ def main() -> None:
                 tar.add(tmp / "train" / member_name(image_id), arcname=member_name(image_id))
         folder_uris = [str(tmp / "train" / member_name(i)) for i in ids]
         tar_uris = [tar_member_uri(str(shard), member_name(i)) for i in ids]
-        rows.append(("read_image_bytes folder", len(ids), timed(lambda: [read_image_bytes(u) for u in folder_uris])))
+        rows.append(("read_image_bytes folder", len(ids), measure(lambda: [read_image_bytes(u) for u in folder_uris], 1).wall))
         clear_tar_cache()
-        rows.append(("tar index scan (once per shard)", len(ids), timed(lambda: tar_index(str(shard)))))
-        rows.append(("read_image_bytes tar (cached index)", len(ids), timed(lambda: [read_image_bytes(u) for u in tar_uris])))
+        rows.append(("tar index scan (once per shard)", len(ids), measure(lambda: tar_index(str(shard)), 1).wall))
+        rows.append(("read_image_bytes tar (cached index)", len(ids), measure(lambda: [read_image_bytes(u) for u in tar_uris], 1).wall))
 
         gt = load_ground_truth(str(GND))
         scores = np.random.default_rng(0).random((len(gt["imlist"]), len(gt["qimlist"])))
         ranks = np.argsort(-scores, axis=0)
-        rows.append(("revisitop evaluate full (4993 x 70)", 70, timed(lambda: evaluate(ranks, gt))))
-        rows.append(("revisitop evaluate top-100 (100 x 70)", 70, timed(lambda: evaluate(ranks[:100], gt))))
+        rows.append(("revisitop evaluate full (4993 x 70)", 70, measure(lambda: evaluate(ranks, gt), 1).wall))
+        rows.append(("revisitop evaluate top-100 (100 x 70)", 70, measure(lambda: evaluate(ranks[:100], gt), 1).wall))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"| {'operation':<40} | {'items':>8} | {'seconds':>8} | {'items/s':>10} |")

@@ -17,8 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cvnet.data.images import crop_query, decode_image
-from cvnet.data.revisitop import load_ground_truth
+from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
 from cvnet.data.synthetic import DEFAULT_NAME, generate
 from cvnet.eval.revisitop import evaluate
 
@@ -33,13 +32,8 @@ def thumbnail_descriptor(image: np.ndarray, side: int) -> np.ndarray:
 def load_images(root: Path, name: str) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
     """Ground truth, database images and cropped queries of a revisitop folder."""
     gt = load_ground_truth(str(root / f"gnd_{name}.pkl"))
-
-    def read(n: str) -> np.ndarray:
-        path = root / "jpg" / f"{n}.jpg"
-        return decode_image(path.read_bytes(), str(path))
-
-    queries = [crop_query(read(n), e["bbx"]) for n, e in zip(gt["qimlist"], gt["gnd"])]
-    return gt, [read(n) for n in gt["imlist"]], queries
+    queries = [load_query_image(str(root), gt, q) for q in range(len(gt["qimlist"]))]
+    return gt, [load_image(str(root), n) for n in gt["imlist"]], queries
 
 
 def pixel_scores(db: list[np.ndarray], queries: list[np.ndarray], side: int) -> np.ndarray:

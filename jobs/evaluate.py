@@ -47,14 +47,12 @@ def database_descriptors(net: Any, root: str, gt: dict, scales: Sequence[float],
     """(n_db, dim) database descriptors in ``imlist`` order: read from ``features`` or computed."""
     import numpy as np
 
-    from cvnet.data.images import decode_image
-    from cvnet.data.manifest import read_image_bytes
-    from cvnet.data.revisitop import image_uri
+    from cvnet.data.revisitop import load_image
     from cvnet.features import read_descriptors
     from cvnet.models.global_net import multiscale_descriptors
 
     if features is None:
-        images = [decode_image(read_image_bytes(image_uri(root, n)), n) for n in gt["imlist"]]
+        images = [load_image(root, n) for n in gt["imlist"]]
         return multiscale_descriptors(net, images, scales)
     ids, X = read_descriptors(features)
     where = {image_id: i for i, image_id in enumerate(ids)}

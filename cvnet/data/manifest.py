@@ -96,8 +96,7 @@ def read_manifest(uri: str) -> pa.Table:
         if path.endswith(".csv"):
             with fs.open(path, "rb") as f:
                 table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
-                    column_types={"image_id": pa.string(), "uri": pa.string(),
-                                  "landmark_id": pa.int64(), "split": pa.string()},
+                    column_types={f.name: f.type for f in MANIFEST_SCHEMA},
                     strings_can_be_null=True))
         else:
             table = pq.read_table(path, filesystem=fs)

@@ -144,10 +144,15 @@ def query_bbx(gt: dict, query: int) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in bbx)  # type: ignore[return-value]
 
 
+def load_image(root: str, name: str) -> np.ndarray:
+    """Read and decode the benchmark image ``name`` (BGR uint8)."""
+    uri = image_uri(root, name)
+    return decode_image(read_image_bytes(uri), uri)
+
+
 def load_query_image(root: str, gt: dict, query: int) -> np.ndarray:
     """Read, decode and crop query ``query`` the way the reference does (BGR uint8)."""
-    uri = image_uri(root, gt["qimlist"][query])
-    return crop_query(decode_image(read_image_bytes(uri), uri), query_bbx(gt, query))
+    return crop_query(load_image(root, gt["qimlist"][query]), query_bbx(gt, query))
 
 
 def read_r1m_list(uri: str) -> list[str]:

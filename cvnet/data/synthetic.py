@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cvnet.data.gldv2 import member_name
 from cvnet.data.synthetic_scenes import (
     Landmark,
     View,
@@ -44,7 +45,6 @@ from cvnet.data.synthetic_scenes import (
 )
 from cvnet.data.synthetic_writers import (
     encode_jpeg,
-    gldv2_relpath,
     staged_folder,
     write_bytes,
     write_csv,
@@ -172,12 +172,13 @@ class _Builder:
                              landmark.family if landmark else -1,
                              round(view.visible, 6), round(view.strength, 6), view.bbx)
         data = encode_jpeg(view.image, iid)
+        member = member_name(iid)
         if split == "train":
-            write_bytes(self.root / "gldv2" / "train" / gldv2_relpath(iid), data)
-            self.train_members.append((gldv2_relpath(iid), data))
+            write_bytes(self.root / "gldv2" / "train" / member, data)
+            self.train_members.append((member, data))
         else:
             folder = "test" if split in ("query", "test") else "index"
-            write_bytes(self.root / "gldv2" / folder / gldv2_relpath(iid), data)
+            write_bytes(self.root / "gldv2" / folder / member, data)
             write_bytes(self.root / "revisitop" / self.name / "jpg" / f"{iid}.jpg", data)
         self.records.append(record)
         return record
@@ -247,8 +248,9 @@ def generate(out: str, seed: int = 0, landmarks: int = 100, images_per_landmark:
         query_records, db_records, test_extra = _draw_benchmark(
             b, landmarks, queries, queries_per_landmark, 3 * images_per_landmark, distractors,
             families)
-        _write_revisitop(root / "revisitop" / name, name, query_records, db_records)
-        _write_gldv2(root / "gldv2", train, query_records, db_records, test_extra,
+        gnd = ground_truth(query_records, db_records)
+        _write_revisitop(root / "revisitop" / name, name, query_records, db_records, gnd)
+        _write_gldv2(root / "gldv2", train, query_records, db_records, test_extra, gnd,
                      b.train_members, images_per_shard)
         counts = {"train": len(train), "train_landmarks": landmarks, "families": families,
                   "benchmark_landmarks": bench, "queries": len(query_records),
@@ -279,16 +281,15 @@ def ground_truth(queries: list[ImageRecord], database: list[ImageRecord]) -> lis
 
 
 def _write_revisitop(folder: Path, name: str, queries: list[ImageRecord],
-                     database: list[ImageRecord]) -> None:
-    gnd = [{"bbx": list(q.bbx or ()), **entry}
-           for q, entry in zip(queries, ground_truth(queries, database))]
+                     database: list[ImageRecord], ground: list[dict]) -> None:
+    gnd = [{"bbx": list(q.bbx or ()), **entry} for q, entry in zip(queries, ground)]
     write_pickle(folder / f"gnd_{name}.pkl", {"imlist": [r.image_id for r in database],
                                              "qimlist": [r.image_id for r in queries], "gnd": gnd})
 
 
 def _write_gldv2(folder: Path, train: list[ImageRecord], queries: list[ImageRecord],
                  database: list[ImageRecord], test_extra: list[ImageRecord],
-                 members: list[tuple[str, bytes]], per_shard: int) -> None:
+                 ground: list[dict], members: list[tuple[str, bytes]], per_shard: int) -> None:
     write_csv(folder / "train.csv", ["id", "url", "landmark_id"],
               [(r.image_id, f"https://synthetic.invalid/train/{r.image_id}.jpg", r.landmark_id)
                for r in train])
@@ -308,7 +309,7 @@ def _write_gldv2(folder: Path, train: list[ImageRecord], queries: list[ImageReco
     write_csv(folder / "index_image_to_landmark.csv", ["id", "landmark_id"],
               [(r.image_id, r.landmark_id) for r in database if r.landmark_id >= 0])
     solution = []
-    for qi, (q, entry) in enumerate(zip(queries, ground_truth(queries, database))):
+    for qi, (q, entry) in enumerate(zip(queries, ground)):
         matches = sorted(entry["easy"] + entry["hard"])
         solution.append((q.image_id, " ".join(database[i].image_id for i in matches),
                          "Public" if qi % 3 == 0 else "Private"))

@@ -31,13 +31,6 @@ def encode_jpeg(image: np.ndarray, name: str) -> bytes:
     return buf.tobytes()
 
 
-def gldv2_relpath(image_id: str) -> str:
-    """``a/b/c/<id>.jpg``: the GLDv2 folder of an image (first three characters of its id)."""
-    if len(image_id) < 3:
-        raise ValueError(f"{image_id!r}: a GLDv2 id needs at least 3 characters")
-    return f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
-
-
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path``, creating its folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
