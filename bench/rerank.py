@@ -28,6 +28,7 @@ from cvnet.models.rerank import (
     match_probability,
     match_probability_reference,
 )
+from cvnet.models.checkpoints import submodule_state
 from cvnet.models.synthetic_weights import synthetic_state_dict
 from timing import measure
 
@@ -37,8 +38,8 @@ HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40
 def load_weights(seed: int) -> tuple[torch.nn.ModuleList, CVLearner]:
     state = synthetic_state_dict("r50", seed)
     conv2ds, learner = make_conv2ds(), CVLearner()
-    conv2ds.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("conv2ds.")})
-    learner.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("cv_learner.")})
+    conv2ds.load_state_dict(submodule_state(state, "conv2ds."))
+    learner.load_state_dict(submodule_state(state, "cv_learner."))
     return conv2ds.eval(), learner.eval()
 
 

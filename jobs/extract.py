@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         actor_gpus=args.actor_gpus, torch_threads=args.threads, batch_size=args.batch_size,
         part_rows=args.part_rows)
     init_ray(args.address)
-    params = {k: v for k, v in vars(cfg).items()}
+    params = vars(cfg)
     with mlflow_run(args.experiment, resolve_tracking_uri(store, args.tracking_uri),
                     run_name=f"extract-{_stem(args.manifest)}", params=params):
         result = run_extract(cfg)

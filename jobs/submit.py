@@ -46,11 +46,9 @@ def split_args(args: argparse.Namespace) -> argparse.Namespace:
     """Take this command's own options out of the job's arguments (they may come after ``job``)."""
     own = argparse.ArgumentParser(add_help=False)
     _options(own)
-    defaults = {k: getattr(args, k) for k in ("address", "wait", "submission_id", "endpoint_url",
-                                               "working_dir")}
-    own.set_defaults(**defaults)
-    parsed, rest = own.parse_known_args(args.job_args)
-    parsed.job, parsed.job_args = args.job, rest
+    # values already on the namespace (given before ``job``) stand unless repeated after it
+    parsed, rest = own.parse_known_args(args.job_args, namespace=argparse.Namespace(**vars(args)))
+    parsed.job_args = rest
     return parsed
 
 
@@ -72,8 +70,9 @@ def runtime_env(working_dir: str, endpoint_url: str | None) -> dict:
     return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": env}
 
 
-def _follow(client, job_id: str) -> None:
-    """Print the job's logs as they come, then any tail the stream missed at the job's end."""
+def _follow(client, job_id: str) -> str:
+    """Print the job's logs as they come, then any tail the stream missed at the job's end;
+    returns the job's final status."""
     import asyncio
 
     printed = 0
@@ -86,9 +85,10 @@ def _follow(client, job_id: str) -> None:
             printed += len(lines)
 
     asyncio.run(tail())
-    _wait_terminal(client, job_id)
+    status = _wait_terminal(client, job_id)
     sys.stdout.write(client.get_job_logs(job_id)[printed:])
     sys.stdout.flush()
+    return status
 
 
 def _submit(client, retry_s: float = 60.0, **kwargs) -> None:
@@ -144,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     print(job_id)
     if not opts.wait:
         return 0
-    _follow(client, job_id)
-    status = _wait_terminal(client, job_id)
+    status = _follow(client, job_id)
     log.info("job %s finished: %s", job_id, status)
     return 0 if status == TERMINAL_OK else 1
 

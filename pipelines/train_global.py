@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cvnet import storage
+from cvnet.models.checkpoints import submodule_state
 from cvnet.training.data import BatchLoader, global_batch, load_train_set, worker_indices
 from cvnet.training.steps import (Stage1State, build_global_net, build_stage1, center_head,
                                   set_train_mode, train_step)
@@ -252,7 +253,5 @@ def load_trained_net(checkpoint_path: str) -> torch.nn.Module:
     with fs.open(storage.join(folder, STATE_FILE), "rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     net = build_global_net(meta["depth"], 0)
-    prefix = "net."
-    net.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()
-                         if k.startswith(prefix)})
+    net.load_state_dict(submodule_state(state["model"], "net."))
     return net.eval()

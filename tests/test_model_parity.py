@@ -105,6 +105,9 @@ def test_match_probabilities_match_reference(model, images, golden):
     restored = RerankFeatures.from_bytes(features["b"].to_bytes())
     assert abs(float(model.match_probability(features["a"], [restored])[0])
                - float(golden["score_forward_a_b"][0])) <= SCORE_TOL
+    bf16 = model.match_probability(features["q_crop"], [features["a"], features["b"]],
+                                   precision="bf16")  # the opt-in approximate mode
+    assert np.abs(bf16 - np.array(expected)).max() < 1e-2
 
 
 def test_inference_uses_eval_mode_and_restores_training(model, images, golden):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cvnet.models.checkpoints import submodule_state
 from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
 from cvnet.models.correlation import correlation_4d, correlation_slices, pyramid_sizes, resize_bilinear, resize_maps
 from cvnet.models.rerank import (
@@ -27,10 +28,6 @@ SCORE_TOL = 1e-5
 
 def _tol(reference: np.ndarray) -> float:
     return 1e-4 * max(1.0, float(np.abs(reference).max()))
-
-
-def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,8 +50,8 @@ def golden():
 def model():
     state = synthetic_state_dict("r50", seed=0)
     conv2ds, learner = make_conv2ds(), CVLearner()
-    conv2ds.load_state_dict(_submodule_state(state, "conv2ds."))
-    learner.load_state_dict(_submodule_state(state, "cv_learner."))
+    conv2ds.load_state_dict(submodule_state(state, "conv2ds."))
+    learner.load_state_dict(submodule_state(state, "cv_learner."))
     return conv2ds.eval(), learner.eval()
 
 

@@ -72,6 +72,11 @@ def read_checkpoint(uri: str | os.PathLike) -> Any:
         raise CheckpointError(name, reason) from None
 
 
+def submodule_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix`` (e.g. ``"conv2ds."``), with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _rename(key: str) -> str:
     key = key.removeprefix("module.")
     if key.startswith("globalmodel."):

@@ -74,7 +74,10 @@ class CVNet(nn.Module):
             return compute_rerank_features(feature_map, self.conv2ds)
 
     def match_probability(self, query_features: RerankFeatures,
-                          key_features_list: Sequence[RerankFeatures]) -> np.ndarray:
-        """(K,) float32 probability that each key shows the query's landmark."""
+                          key_features_list: Sequence[RerankFeatures],
+                          precision: str = "fp32") -> np.ndarray:
+        """(K,) float32 probability that each key shows the query's landmark; ``precision``:
+        ``"fp32"`` (exact) or ``"bf16"`` (autocast, approximate)."""
         with self._inference():
-            return rerank_match_probability(self.cv_learner, query_features, key_features_list)
+            return rerank_match_probability(self.cv_learner, query_features, key_features_list,
+                                            precision=precision)
