@@ -1,4 +1,5 @@
-"""Stage-1 training data: a labelled image set, per-step sharded sampling, augmented batches.
+"""Training data: a labelled image set, per-step sharded sampling, augmented batches, and a
+prefetching loader that makes them in worker processes.
 
 Sampling is a pure function of ``(seed, step)``: every worker computes the same global batch
 and takes its own slice, so all DDP ranks run exactly the same number of steps (no short final
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from cvnet.data.images import ImageDecodeError, decode_image, normalize
 from cvnet.training.augment import training_view
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TrainDataError(ValueError):
@@ -133,6 +136,7 @@ class BatchLoader:
         self.image_size, self.crop_scale, self.flip = image_size, crop_scale, flip
         self.read_bytes = read_bytes
         self.bad_inputs: dict[int, dict[str, str]] = {}
+        self._reported: set[int] = set()
 
     def _decode(self, index: int) -> np.ndarray:
         ts = self.train_set
@@ -149,14 +153,93 @@ class BatchLoader:
         raise TrainDataError(f"landmark {ts.landmark_ids[ts.labels[index]]}: "
                              "no readable image left")
 
+    def views(self, indices: np.ndarray, rng: np.random.Generator, count: int) -> list[torch.Tensor]:
+        """``count`` augmented views of each image: ``count`` (B, 3, S, S) tensors; for each
+        image in turn its views are drawn in order (the draws of ``rng`` depend on nothing else)."""
+        out: list[list[np.ndarray]] = [[] for _ in range(count)]
+        for index in indices:
+            image = self._decode(int(index))
+            for views in out:
+                views.append(normalize(training_view(image, self.image_size, rng, self.crop_scale,
+                                                     self.flip)))
+        return [torch.from_numpy(np.stack(views)) for views in out]
+
     def load(self, indices: np.ndarray, rng: np.random.Generator
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(query views, key views, class labels)`` as (B,3,S,S), (B,3,S,S), (B,) tensors."""
-        queries, keys = [], []
-        for index in indices:
-            image = self._decode(int(index))
-            for out in (queries, keys):
-                view = training_view(image, self.image_size, rng, self.crop_scale, self.flip)
-                out.append(normalize(view))
-        labels = torch.from_numpy(self.train_set.labels[indices])
-        return torch.from_numpy(np.stack(queries)), torch.from_numpy(np.stack(keys)), labels
+        queries, keys = self.views(indices, rng, 2)
+        return queries, keys, torch.from_numpy(self.train_set.labels[indices])
+
+    def new_bad_inputs(self) -> dict[int, dict[str, str]]:
+        """The bad inputs recorded since the last call (a worker process sends them with its
+        batch; the consumer merges them by image index, so none is lost or doubled)."""
+        new = {i: row for i, row in self.bad_inputs.items() if i not in self._reported}
+        self._reported.update(new)
+        return new
+
+
+@dataclass(frozen=True)
+class Stage1Batch:
+    """One worker's stage-1 batch of ``step`` and the bad inputs met while making it."""
+
+    step: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    labels: torch.Tensor
+    bad_inputs: dict[int, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Stage1Batches:
+    """The stage-1 batch of a step for one worker, a pure function of ``(seed, step, rank)``;
+    picklable, so :func:`prefetch_batches` runs it in worker processes."""
+
+    loader: BatchLoader
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    sampling: str
+
+    def __call__(self, step: int) -> Stage1Batch:
+        indices = worker_indices(self.loader.train_set, step, self.batch_size, self.rank,
+                                 self.world_size, self.seed, self.sampling)
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        queries, keys, labels = self.loader.load(indices, rng)
+        return Stage1Batch(step, queries, keys, labels, self.loader.new_bad_inputs())
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is ``make_batch(step)``."""
+
+    def __init__(self, make_batch: Callable[[int], T]):
+        self.make_batch = make_batch
+
+    def __getitem__(self, step: int) -> T:
+        return self.make_batch(step)
+
+
+def _as_is(batch: T) -> T:
+    return batch
+
+
+def prefetch_batches(make_batch: Callable[[int], T], start_step: int, stop_step: int,
+                     num_workers: int = 2, prefetch_factor: int = 2,
+                     context: str = "forkserver") -> Iterator[T]:
+    """``make_batch(step)`` for ``step`` in ``[start_step, stop_step)``, in step order.
+
+    ``num_workers`` processes (a torch ``DataLoader``) make up to ``prefetch_factor`` batches
+    each ahead of the consumer; 0 makes each batch in this process when it is asked for (the
+    synchronous baseline). Each batch depends only on its step, so the stream is the same for
+    any worker count and a resumed run continues it at ``start_step``. ``context``:
+    ``"forkserver"`` or ``"spawn"`` (lance and threaded readers are not fork-safe). A worker
+    that dies makes the iterator raise; the workers exit when the iterator is exhausted or
+    garbage-collected.
+    """
+    if context not in ("forkserver", "spawn"):
+        raise ValueError(f"context: {context!r} is not 'forkserver' or 'spawn'")
+    workers = {"multiprocessing_context": context, "prefetch_factor": prefetch_factor} if num_workers else {}
+    loader = torch.utils.data.DataLoader(_StepBatches(make_batch), batch_size=None,
+                                         sampler=range(start_step, stop_step),
+                                         num_workers=num_workers, collate_fn=_as_is, **workers)
+    return iter(loader)
