@@ -13,14 +13,7 @@ from cvnet.models.cvnet import CVNet
 from cvnet.models.synthetic_weights import synthetic_state_dict
 from cvnet.training.rerank_step import (MapBatch, PairScorer, freeze_backbone, pair_loss,
                                         pair_metrics, rerank_step, stage3_maps)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_rerank import one_thread  # noqa: F401  (autouse: small tensors run far faster on one thread)
 
 
 @pytest.fixture(scope="module")
