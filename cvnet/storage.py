@@ -138,14 +138,16 @@ def put_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
 
     On S3 one PUT; locally a hidden temporary file (``.<name>.<hex>.tmp``, skipped by folder
     readers), fsynced, then renamed over ``uri``, and removed if anything fails. With
-    ``exclusive``, an existing object is left alone and ``False`` is returned (atomic on a
-    local disk through ``link``; on S3 a check before the single PUT).
+    ``exclusive``, an existing object is left alone and ``False`` is returned: atomic on a
+    local disk through ``link``, on S3 a conditional PUT (``If-None-Match: *``), so of two
+    writers exactly one creates the object.
     """
     fs, path = filesystem(uri)
     if is_remote(uri):
-        if exclusive and _exists(uri):
+        try:
+            fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")  # one PUT
+        except FileExistsError:  # 412 Precondition Failed: the object exists
             return False
-        fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
         return True
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)

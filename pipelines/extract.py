@@ -1,85 +1,65 @@
 """Distributed extraction on Ray Data: manifest -> bytes -> decode (tasks) -> model (actor pool)
--> descriptors (+ rerank features) as committed Parquet shards.
+-> descriptors (+ rerank features) and bad inputs, committed tables (:mod:`cvnet.features`).
 
-Exactly-once: the manifest is cut by row order into shards of ``shard_size`` rows (shard id =
-index). Only shards without a commit are processed. Model actors write Parquet parts into the
-attempt folder and return small summaries (files and image ids); the driver commits a shard
-(:func:`cvnet.storage.commit_shard`) once every one of its images is in a part, either as a
-descriptor or as a bad input. A killed actor's batch is retried by Ray Data; parts written by a
-dead attempt are never referenced by a commit and are removed at the end. A rerun after a
-driver crash skips the committed shards. Every input ends in ``descriptors`` or ``bad_inputs``.
+The output belongs to the model (its SHA-256) and the settings that change the numbers, not to
+a manifest: one table per model grows with every manifest given to it. The work of a run is the
+manifest's image ids minus those already committed (as features or as bad inputs), run through
+:mod:`pipelines.committed` under the output's lease, so every image ends exactly once in one of
+the two tables, whatever dies or meets whatever. Transient failures (I/O errors, throttling,
+timeouts, CUDA out-of-memory) are retried and fail the job naming the item when they persist;
+only permanent ones (undecodable bytes, a file confirmed absent, an image too small for the
+model) become bad inputs.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
-import uuid
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from cvnet import features, storage
-from cvnet.data.images import ImageDecodeError, decode_image
+from cvnet.config import ExtractConfig
+from cvnet.data.images import ImageDecodeError, crop_query, decode_image
 from cvnet.data.manifest import ImageReadError, read_image_bytes, read_manifest
+from cvnet.retry import retry_transient
+from cvnet.tables import Lease, TableWriter, open_or_create
+from pipelines.committed import SUMMARY_SCHEMA, ShardCommitter, fragment_summary, pending, run_committed
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCALES = (0.7071, 1.0, 1.4142)
-SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("kind", pa.string()), ("file", pa.string()),
-                            ("image_ids", pa.list_(pa.string()))])
 DECODED_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("landmark_id", pa.int64()),
-                            ("shard", pa.string()), ("pixels", pa.large_binary()), ("height", pa.int32()),
-                            ("width", pa.int32()), ("stage", pa.string()), ("error", pa.string())])
+                            ("pixels", pa.large_binary()), ("height", pa.int32()), ("width", pa.int32()),
+                            ("stage", pa.string()), ("error", pa.string())])
 
 
 class ExtractError(RuntimeError):
-    """The extraction could not finish (bad manifest, incomplete shards)."""
+    """The extraction cannot run as asked (bad manifest, changed URIs, too many bad inputs)."""
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    """What to extract (hashed into the commits) and how to run it (not hashed)."""
+class TooManyBadInputs(ExtractError):
+    """More than ``max_bad_fraction`` of a run's inputs were bad (they are committed anyway)."""
 
-    manifest: str
-    model: str
-    output: str
-    rerank_features: bool = False
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    float16: bool = False
-    shard_size: int = 1000
-    # execution only
-    num_actors: int = 1
-    actor_cpus: float = 0.5
-    actor_gpus: float = 0.0
-    torch_threads: int = 1
-    batch_size: int = 8  # images per forward pass (same-size images only)
-    part_rows: int = 64  # images per actor call = rows per written Parquet part (at most)
-    read_rows: int = 16  # images per decode task
-
-    def identity(self, model_sha256: str) -> dict:
-        """The settings that determine the output (a rerun must match them)."""
-        return {"manifest": self.manifest, "model_sha256": model_sha256, "scales": list(self.scales),
-                "rerank_features": self.rerank_features, "float16": self.float16,
-                "shard_size": self.shard_size}
+    def __init__(self, message: str, result: ExtractResult):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
 class ExtractResult:
     output: str
-    attempt: str
-    config_hash: str
-    shards: int
-    shards_skipped: int
-    images: int
-    bad_inputs: int
+    images: int  # processed by this run (features + bad inputs)
+    bad_inputs: int  # recorded by this run
+    skipped: int  # manifest rows already committed before this run
     seconds: float
-    commit_uri: str
-    stats: str = ""
-    committed_now: list[str] = field(default_factory=list)
+    versions_read: dict[str, int] = field(default_factory=dict)
+    versions_written: dict[str, int] = field(default_factory=dict)
+    bad_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -96,41 +76,50 @@ def file_sha256(uri: str) -> str:
     return digest.hexdigest()
 
 
-def shard_id(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
-def split_shards(manifest: pa.Table, shard_size: int) -> dict[str, pa.Table]:
-    """Cut the manifest by row order into shards of ``shard_size`` rows."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return {shard_id(i): manifest.slice(start, shard_size)
-            for i, start in enumerate(range(0, manifest.num_rows, shard_size))}
+def default_output(store: str, model: str, model_sha256: str) -> str:
+    """``<store>/features/<model file stem>-<first 12 hex of its SHA-256>``."""
+    stem = model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "model"
+    return storage.join(store, "features", f"{stem}-{model_sha256[:12]}")
 
 
 def check_unique_ids(manifest: pa.Table, uri: str) -> None:
-    ids = manifest.column("image_id").to_pylist()
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = sorted({i for i in ids if i in seen or seen.add(i)})
-        raise ExtractError(f"manifest {uri}: duplicate image_id(s) {dup[:5]} ({len(dup)} in all)")
+    ids = manifest.column("image_id")
+    counts = pc.value_counts(ids)
+    dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+    if dup:
+        raise ExtractError(f"manifest {uri}: duplicate image_id(s) {sorted(dup)[:5]} ({len(dup)} in all)")
+
+
+def changed_uris(manifest: pa.Table, known: pa.Table) -> pa.Table:
+    """Rows of ``known`` (image_id, uri) whose id is in the manifest under another URI."""
+    joined = manifest.select(["image_id", "uri"]).join(known, "image_id", right_suffix="_stored")
+    return joined.filter(pc.not_equal(joined.column("uri"), joined.column("uri_stored")))
 
 
 # ---- Ray Data stages ---------------------------------------------------------------------------
 
-def decode_batch(batch: pa.Table) -> pa.Table:
-    """Read and decode each row; failures become rows with ``stage`` and ``error`` set."""
+def _is_transient(err: BaseException) -> bool:
+    return isinstance(err, ImageReadError) and err.transient
+
+
+def decode_batch(batch: pa.Table, retries: int = 3) -> pa.Table:
+    """Read and decode each row (queries cropped to their ``bbx``); permanent failures become
+    rows with ``stage`` and ``error`` set, transient ones are retried and then raise."""
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for row in batch.to_pylist():
         pixels, height, width, stage, error = b"", 0, 0, None, None
         try:
-            image = decode_image(read_image_bytes(row["uri"]), row["image_id"])
+            data = retry_transient(lambda: read_image_bytes(row["uri"]), f"{row['image_id']} ({row['uri']})",
+                                   _is_transient, attempts=retries)
+            image = decode_image(data, row["image_id"])
+            if row.get("bbx") is not None:
+                image = np.ascontiguousarray(crop_query(image, row["bbx"]))
             pixels, (height, width) = image.tobytes(), image.shape[:2]
         except ImageReadError as err:
             stage, error = "read", err.reason
         except ImageDecodeError as err:
             stage, error = "decode", err.reason
-        for key in ("image_id", "uri", "landmark_id", "shard"):
+        for key in ("image_id", "uri", "landmark_id"):
             out[key].append(row[key])
         out["pixels"].append(pixels)
         out["height"].append(height)
@@ -141,185 +130,144 @@ def decode_batch(batch: pa.Table) -> pa.Table:
 
 
 class ExtractActor:
-    """Holds one model (loaded once per actor); turns decoded rows into Parquet parts."""
+    """Holds one model (loaded once per actor); writes feature and bad-input fragments."""
 
-    def __init__(self, config: dict, attempt: str, model_sha256: str):
+    def __init__(self, cfg: ExtractConfig, output: str):
         import torch
 
         from cvnet.models.checkpoints import load_model
 
-        self.cfg = ExtractConfig(**config)
-        torch.set_num_threads(max(1, self.cfg.torch_threads))
-        device = "cuda" if self.cfg.actor_gpus > 0 else "cpu"
-        self.model = load_model(self.cfg.model, device=device)
-        self.attempt = attempt
-        info = {"model_uri": storage.redact(self.cfg.model), "model_sha256": model_sha256,
-                "scales": list(self.cfg.scales)}
-        self.desc_schema = features.descriptor_schema(self.cfg.float16, info)
-        self.rerank_schema = features.rerank_schema(self.cfg.float16, info)
+        self.cfg, self.output = cfg, output
+        torch.set_num_threads(max(1, cfg.torch_threads))
+        self.model = load_model(cfg.model, device="cuda" if cfg.actor_gpus > 0 else "cpu")
 
-    def _describe(self, images: list[np.ndarray], ids: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Descriptors by id, and model errors by id (a failing batch is retried image by image)."""
-        try:
+    def _features(self, image: np.ndarray) -> tuple:
+        levels = self.model.rerank_features(image).levels if self.cfg.rerank_features else None
+        return self.model.global_descriptor([image], self.cfg.scales)[0], levels
+
+    def _model_outputs(self, images: list[np.ndarray], ids: list[str]) -> tuple[dict, dict]:
+        """Features by id and permanent model errors by id. A ``ValueError`` (an image the model
+        cannot take) is the image's own; a ``RuntimeError`` (e.g. CUDA OOM) is retried and raises."""
+        def batch() -> dict:
             X = self.model.global_descriptor(images, self.cfg.scales, self.cfg.batch_size)
-            return dict(zip(ids, X)), {}
-        except (ValueError, RuntimeError):
+            levels = [self.model.rerank_features(im).levels for im in images] if self.cfg.rerank_features \
+                else [None] * len(images)
+            return {i: (x, lv) for i, x, lv in zip(ids, X, levels)}
+
+        transient = lambda err: isinstance(err, RuntimeError)  # noqa: E731
+        try:
+            return retry_transient(batch, f"model on {ids[:3]}...", transient, self.cfg.transient_retries), {}
+        except ValueError:
             done, errors = {}, {}
             for image_id, image in zip(ids, images):
                 try:
-                    done[image_id] = self.model.global_descriptor([image], self.cfg.scales)[0]
-                except (ValueError, RuntimeError) as err:
+                    done[image_id] = retry_transient(lambda: self._features(image), image_id, transient,
+                                                     self.cfg.transient_retries)
+                except ValueError as err:
                     errors[image_id] = f"{type(err).__name__}: {err}"
             return done, errors
-
-    def _rerank_levels(self, images: list[np.ndarray], ids: list[str], by_id: dict[str, np.ndarray],
-                       errors: dict[str, str]) -> dict[str, tuple]:
-        """Rerank pyramid levels by id when requested; an image whose features fail (e.g. too
-        small for the pyramid) moves from ``by_id`` to ``errors``, so it is a bad input, not half
-        an output."""
-        if not self.cfg.rerank_features:
-            return {}
-        levels = {}
-        for image_id, image in zip(ids, images):
-            if image_id not in by_id:
-                continue
-            try:
-                levels[image_id] = self.model.rerank_features(image).levels
-            except (ValueError, RuntimeError) as err:
-                del by_id[image_id]
-                errors[image_id] = f"rerank features: {type(err).__name__}: {err}"
-        return levels
-
-    def _write(self, shard: str, kind: str, table: pa.Table, summary: list[dict]) -> None:
-        rel = f"{storage.ATTEMPTS_DIR}/{self.attempt}/{shard}/{kind}-{uuid.uuid4().hex[:12]}.parquet"
-        features.write_parquet(table, storage.join(self.cfg.output, rel))
-        summary.append({"shard": shard, "kind": kind, "file": rel,
-                        "image_ids": table.column("image_id").to_pylist()})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         good = [r for r in rows if r["error"] is None]
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in good]
-        ids = [r["image_id"] for r in good]
-        by_id, model_errors = self._describe(images, ids)
-        levels_by_id = self._rerank_levels(images, ids, by_id, model_errors)
-        summary: list[dict] = []
-        for shard in sorted({r["shard"] for r in rows}):
-            in_shard = [r for r in rows if r["shard"] == shard]
-            ok = [(r, im) for r, im in zip(good, images) if r["shard"] == shard and r["image_id"] in by_id]
-            bad = [{"image_id": r["image_id"], "uri": r["uri"], "stage": r["stage"], "error": r["error"]}
-                   for r in in_shard if r["error"] is not None]
-            bad += [{"image_id": r["image_id"], "uri": r["uri"], "stage": "model",
-                     "error": model_errors[r["image_id"]]} for r in in_shard if r["image_id"] in model_errors]
-            if ok:
-                ids = [r["image_id"] for r, _ in ok]
-                X = np.stack([by_id[i] for i in ids])
-                self._write(shard, "descriptors", features.descriptor_table(
-                    ids, [r["landmark_id"] for r, _ in ok], X, self.desc_schema), summary)
-                if self.cfg.rerank_features:
-                    levels = [levels_by_id[i] for i in ids]
-                    self._write(shard, "rerank", features.rerank_table(ids, levels, self.rerank_schema), summary)
-            if bad:
-                self._write(shard, "bad_inputs", features.bad_inputs_table(bad), summary)
-        return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
+        done, model_errors = self._model_outputs(images, [r["image_id"] for r in good]) if good else ({}, {})
+        ok = [r for r in good if r["image_id"] in done]
+        bad = [{"image_id": r["image_id"], "uri": r["uri"], "stage": r["stage"], "error": r["error"]}
+               for r in rows if r["error"] is not None]
+        bad += [{"image_id": r["image_id"], "uri": r["uri"], "stage": "model", "error": model_errors[r["image_id"]]}
+                for r in good if r["image_id"] in model_errors]
+        summaries = []
+        if ok:
+            X = np.stack([done[r["image_id"]][0] for r in ok])
+            levels = [done[r["image_id"]][1] for r in ok] if self.cfg.rerank_features else None
+            table = features.features_table(ok, X, self.cfg.float16, levels)
+            summaries.append(fragment_summary("features", storage.join(self.output, features.FEATURES),
+                                              table, "image_id"))
+        if bad:
+            summaries.append(fragment_summary("bad_inputs", storage.join(self.output, features.BAD_INPUTS),
+                                              features.bad_inputs_table(bad), "image_id"))
+        return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
 # ---- driver ------------------------------------------------------------------------------------
 
-class _ShardTracker:
-    """Collects part summaries per shard and commits a shard once all its images are placed."""
-
-    def __init__(self, output: str, attempt: str, chash: str, expected: dict[str, set[str]],
-                 with_rerank: bool):
-        self.output, self.attempt, self.chash = output, attempt, chash
-        self.expected, self.with_rerank = expected, with_rerank
-        self.seen: dict[str, set[str]] = defaultdict(set)
-        self.files: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        self.rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.committed: list[str] = []  # by this attempt
-        self.closed: set[str] = set()  # committed by this or a concurrent attempt
-
-    def add(self, part: dict) -> None:
-        shard, kind, ids = part["shard"], part["kind"], part["image_ids"]
-        if shard in self.closed:
-            raise ExtractError(f"shard {shard}: a {kind} part arrived after the commit; not counted")
-        if kind != "rerank":
-            again = self.seen[shard].intersection(ids)
-            if again:
-                raise ExtractError(f"shard {shard}: image(s) {sorted(again)[:5]} arrived twice; not committed")
-            self.seen[shard].update(ids)
-        self.files[shard][kind].append(part["file"])
-        self.rows[shard][kind] += len(ids)
-        if self.seen[shard] == self.expected[shard] and self._rerank_complete(shard):
-            self._commit(shard)
-
-    def _rerank_complete(self, shard: str) -> bool:
-        rows = self.rows[shard]
-        return not self.with_rerank or rows.get("rerank", 0) == rows.get("descriptors", 0)
-
-    def _commit(self, shard: str) -> None:
-        commit = storage.ShardCommit(shard=shard, attempt=self.attempt, config_hash=self.chash,
-                                     files={k: sorted(v) for k, v in self.files[shard].items()},
-                                     rows=dict(self.rows[shard]))
-        self.closed.add(shard)
-        if storage.commit_shard(self.output, commit):
-            self.committed.append(shard)
-        else:
-            log.warning("shard %s was committed by another attempt; keeping that one", shard)
-
-    def pending(self) -> list[str]:
-        return sorted(set(self.expected) - self.closed)
+def _open_tables(cfg: ExtractConfig, output: str, model_sha: str, lease: Lease) -> dict[str, TableWriter]:
+    settings = features.extraction_settings(model_sha, cfg.scales, cfg.float16, cfg.rerank_features)
+    schemas = {"features": (features.FEATURES, features.features_schema(cfg.float16, cfg.rerank_features)),
+               "bad_inputs": (features.BAD_INPUTS, features.BAD_INPUTS_SCHEMA)}
+    return {name: TableWriter(open_or_create(storage.join(output, path), schema, name, "image_id", settings), lease)
+            for name, (path, schema) in schemas.items()}
 
 
-def _blocks(shards: dict[str, pa.Table], rows: int) -> list[pa.Table]:
-    blocks = []
-    for sid, table in shards.items():
-        table = table.append_column("shard", pa.array([sid] * table.num_rows, pa.string()))
-        blocks += [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-    return blocks
+def _prepare(cfg: ExtractConfig, manifest: pa.Table, writers: dict[str, TableWriter]) -> None:
+    """Refuse (or, with ``refresh_changed``, forget) known ids whose URI changed; forget the
+    manifest's recorded bad inputs with ``retry_bad_inputs``: forgotten ids are work to do."""
+    known = pa.concat_tables([w.table.read(["image_id", "uri"]) for w in writers.values()])
+    changed = changed_uris(manifest, known)
+    if changed.num_rows and not cfg.refresh_changed:
+        shown = ", ".join(f"{r['image_id']}: {r['uri_stored']} -> {r['uri']}" for r in changed.to_pylist()[:5])
+        raise ExtractError(f"{changed.num_rows} image id(s) already extracted from another URI ({shown}); "
+                           "rerun with --refresh-changed to re-extract them")
+    forget = set(changed.column("image_id").to_pylist())
+    if cfg.retry_bad_inputs:
+        forget |= writers["bad_inputs"].committed & set(manifest.column("image_id").to_pylist())
+    for name, writer in writers.items():
+        writer.delete(forget, message=f"{name}: re-extract changed URIs / retried bad inputs")
+
+
+def _pipeline(cfg: ExtractConfig, todo: pa.Table, output: str) -> ray.data.Dataset:
+    blocks = [todo.slice(start, cfg.read_rows) for start in range(0, todo.num_rows, cfg.read_rows)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+                        fn_kwargs={"retries": cfg.transient_retries})
+    return ds.map_batches(ExtractActor, batch_format="pyarrow", batch_size=cfg.part_rows,
+                          compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                          num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
+                          fn_constructor_kwargs={"cfg": cfg, "output": output})
+
+
+def _bad_reasons(writer: TableWriter, keys: list[str]) -> dict[str, int]:
+    if not keys:
+        return {}
+    rows = writer.table.take(keys, ["stage", "error"]).to_pylist()
+    return dict(Counter(f"{r['stage']}: {r['error']}" for r in rows).most_common())
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run (or resume) one extraction; Ray must be initialised. Returns counts and timings."""
+    """Run (or resume) one extraction into the model's table; Ray must be initialised."""
     started = time.monotonic()
     manifest = read_manifest(cfg.manifest)
     check_unique_ids(manifest, cfg.manifest)
     model_sha = file_sha256(cfg.model)
-    chash = storage.config_hash(cfg.identity(model_sha))
-    shards = split_shards(manifest, cfg.shard_size)
-    done = storage.committed_shards(cfg.output, chash)
-    todo = {sid: table for sid, table in shards.items() if sid not in done}
-    attempt = storage.new_attempt_id()
-    log.info("extract %s: %d images in %d shards, %d already committed, attempt %s",
-             storage.redact(cfg.output), manifest.num_rows, len(shards), len(done), attempt)
-    tracker = _ShardTracker(cfg.output, attempt, chash,
-                            {sid: set(t.column("image_id").to_pylist()) for sid, t in todo.items()},
-                            cfg.rerank_features)
-    stats = ""
-    if todo:
-        ds = ray.data.from_arrow(_blocks(todo, cfg.read_rows))
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-        ds = ds.map_batches(
-            ExtractActor, batch_format="pyarrow", batch_size=cfg.part_rows,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
-            fn_constructor_kwargs={"config": asdict(cfg), "attempt": attempt, "model_sha256": model_sha})
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for part in batch.to_pylist():
-                tracker.add(part)
-        stats = ds.stats()
-    missing = tracker.pending()
+    output = cfg.output or default_output(cfg.store or storage.default_store(), cfg.model, model_sha)
+    lease = Lease(output, owner=f"extract {storage.redact(cfg.manifest)}", ttl_s=cfg.lease_ttl_s).acquire()
+    try:
+        writers = _open_tables(cfg, output, model_sha, lease)
+        read = {name: w.version for name, w in writers.items()}
+        _prepare(cfg, manifest, writers)
+        done = writers["features"].committed | writers["bad_inputs"].committed
+        todo = pending(manifest, "image_id", done)
+        log.info("extract into %s: %d images in the manifest, %d already committed, %d to do",
+                 storage.redact(output), manifest.num_rows, manifest.num_rows - todo.num_rows, todo.num_rows)
+        committer = ShardCommitter(writers, cfg.shard_size, total=todo.num_rows)
+        if todo.num_rows:
+            run_committed(_pipeline(cfg, todo, output), committer)
+        writers["features"].collect_garbage()
+    finally:
+        lease.release()
+    result = ExtractResult(
+        output=output, images=sum(len(k) for k in committer.keys.values()),
+        bad_inputs=len(committer.keys["bad_inputs"]),
+        skipped=manifest.num_rows - todo.num_rows, seconds=time.monotonic() - started, versions_read=read,
+        versions_written={name: w.version for name, w in writers.items()},
+        bad_reasons=_bad_reasons(writers["bad_inputs"], committer.keys["bad_inputs"]))
+    missing = todo.num_rows - result.images
     if missing:
-        raise ExtractError(f"{len(missing)} shard(s) incomplete, not committed: {missing[:5]}; rerun to resume")
-    seconds = time.monotonic() - started
-    processed = sum(len(todo[s]) for s in tracker.committed)
-    all_shards = storage.committed_shards(cfg.output, chash)
-    bad = sum(c.rows.get("bad_inputs", 0) for c in all_shards.values())
-    commit_uri = storage.commit_job(cfg.output, all_shards, chash, {
-        "manifest": storage.redact(cfg.manifest), "model": storage.redact(cfg.model),
-        "model_sha256": model_sha, "images": manifest.num_rows, "bad_inputs": bad,
-        "rerank_features": cfg.rerank_features, "float16": cfg.float16})
-    storage.remove_orphan_attempts(cfg.output, all_shards)
-    return ExtractResult(output=cfg.output, attempt=attempt, config_hash=chash, shards=len(shards),
-                         shards_skipped=len(done), images=processed, bad_inputs=bad, seconds=seconds,
-                         commit_uri=commit_uri, stats=stats, committed_now=tracker.committed)
+        raise ExtractError(f"{missing} image(s) were neither extracted nor recorded as bad; rerun to resume")
+    if result.images and result.bad_inputs > cfg.max_bad_fraction * result.images:
+        top = "; ".join(f"{n} x {reason}" for reason, n in list(result.bad_reasons.items())[:5])
+        raise TooManyBadInputs(f"{result.bad_inputs} of the {result.images} inputs of this run are bad (more than "
+                               f"max_bad_fraction={cfg.max_bad_fraction}); committed anyway; top reasons: {top}",
+                               result)
+    return result

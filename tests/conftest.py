@@ -124,8 +124,12 @@ def ray_local(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
+    # flaky_fs.register: every worker knows the fault-injecting ``flaky://`` test filesystem
+    # (the hook runs before the driver's sys.path reaches the worker: PYTHONPATH finds it)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath},
+                          "worker_process_setup_hook": "flaky_fs.register"})
     yield ray
     ray.shutdown()
 

@@ -44,12 +44,17 @@ class ManifestError(ValueError):
 
 
 class ImageReadError(OSError):
-    """Image bytes could not be read (missing file, missing or unreadable tar member)."""
+    """Image bytes could not be read (missing file, missing or unreadable tar member).
 
-    def __init__(self, uri: str, reason: str):
+    ``transient`` marks failures a retry may cure (any I/O error other than a file the
+    filesystem confirms is absent); the others are permanent.
+    """
+
+    def __init__(self, uri: str, reason: str, transient: bool = False):
         super().__init__(redact(f"{uri}: {reason}"))
         self.uri = uri
         self.reason = reason
+        self.transient = transient
 
 
 def tar_member_uri(tar_uri: str, member: str) -> str:
@@ -167,7 +172,13 @@ def tar_index(tar_uri: str) -> TarIndex:
         with fs.open(path, "rb") as f:
             index = scan_tar(f, tar_uri, fs.size(path))
     except FileNotFoundError as exc:
-        raise ImageReadError(tar_uri, "tar shard not found") from exc
+        if _confirmed_absent(fs, path):
+            raise ImageReadError(tar_uri, "tar shard not found") from exc
+        raise ImageReadError(tar_uri, f"tar shard read failed: {exc}", transient=True) from exc
+    except ImageReadError:
+        raise
+    except OSError as exc:
+        raise ImageReadError(tar_uri, f"tar shard read failed: {exc}", transient=True) from exc
     cache_tar_index(tar_uri, index)
     return index
 
@@ -199,8 +210,19 @@ def _read_range(uri: str, file_uri: str, start: int | None = None, end: int | No
     try:
         return fs.cat_file(path, start=start, end=end)
     except FileNotFoundError as exc:
-        raise ImageReadError(uri, "file not found") from exc
+        if _confirmed_absent(fs, path):
+            raise ImageReadError(uri, "file not found") from exc
+        raise ImageReadError(uri, f"read failed: {exc}", transient=True) from exc
     except IsADirectoryError as exc:
         raise ImageReadError(uri, "is a directory") from exc
     except OSError as exc:
-        raise ImageReadError(uri, f"read failed: {exc}") from exc
+        raise ImageReadError(uri, f"read failed: {exc}", transient=True) from exc
+
+
+def _confirmed_absent(fs, path: str) -> bool:
+    """True when a fresh lookup confirms ``path`` does not exist (a failing lookup confirms nothing)."""
+    try:
+        fs.invalidate_cache(path)
+        return not fs.exists(path)
+    except OSError:
+        return False
