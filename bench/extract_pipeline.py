@@ -58,7 +58,8 @@ def plain_loop(manifest: str, model_uri: str, threads: int) -> tuple[float, int]
 
 
 def pipeline(manifest: str, model_uri: str, output: str, actors: int, threads: int, cpus: int) -> tuple[float, int]:
-    from pipelines.extract import ExtractConfig, run_extract
+    from cvnet.config import ExtractConfig
+    from pipelines.extract import run_extract
 
     cfg = ExtractConfig(manifest=manifest, model=model_uri, output=output, shard_size=16,
                         num_actors=actors, actor_cpus=min(1.0, (cpus - 0.5) / actors),

@@ -1,35 +1,217 @@
-"""TEMPORARY (lead's branch): replaced by the config branch's typed configs at merge."""
+"""Typed job configs (pydantic) and their loading: a YAML file, flags and ``key=value`` overrides.
+
+Every job has one model here; the job code receives the validated object. Sources are merged as
+defaults < file < flags < overrides (dotted keys for sections, YAML values). Errors name the
+offending key: an unknown key, a value of the wrong type, a malformed override. Configs never
+hold credentials (those come from the AWS chain / environment). Pure: pydantic and PyYAML only.
+"""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-DEFAULT_SCALES = (0.7071, 1.0, 1.4142)
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+# Multi-scale inference of the reference (SPEC §2): the one definition in the codebase.
+DEFAULT_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 
 
-class ExtractConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
 
-    manifest: str
-    model: str
-    store: str | None = None
-    output: str | None = None
-    rerank_features: bool = False
-    float16: bool = False
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    shard_size: int = Field(1000, ge=1)
-    refresh_changed: bool = False
-    retry_bad_inputs: bool = False
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    transient_retries: int = Field(3, ge=0)
-    lease_ttl_s: float = Field(60.0, gt=0)
-    num_actors: int = Field(1, ge=1)
-    actor_cpus: float = 0.5
-    actor_gpus: float = 0.0
-    torch_threads: int = 1
-    batch_size: int = 8
-    part_rows: int = 64
-    read_rows: int = 16
-    address: str | None = None
-    endpoint_url: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = "extract"
+
+class Section(BaseModel):
+    """A config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- train-global ----------------------------------------------------------------------------
+
+class DataConfig(Section):
+    root: str = Field("", description="GLDv2-format root (train_clean.csv + train/) or a manifest")
+    split: str = Field("train_clean", description="GLDv2 split (or manifest split) to train on")
+    image_size: int = Field(224, gt=15, description="square training crop side, pixels")
+    crop_scale: tuple[float, float] = Field((0.25, 1.0), description="random-resized-crop area range")
+    flip: bool = Field(True, description="random horizontal flips")
+    sampling: Literal["uniform", "balanced"] = Field(
+        "uniform", description="uniform: epochs over images; balanced: landmark first, then image")
+
+
+class ModelConfig(Section):
+    depth: Literal[50, 101] = Field(50, description="ResNet depth")
+    backbone_init: str | None = Field(None, description="ImageNet ResNet checkpoint path/URI")
+    init_seed: int = Field(0, description="seed of the deterministic init without backbone_init")
+    freeze_stages: int = Field(0, ge=0, le=4, description="freeze stem + s1..sN (0: none)")
+    center_head: bool = Field(False, description="fresh runs: centre the descriptors on a first "
+                                                "batch via the whitening bias")
+
+
+class LossConfig(Section):
+    margin: float = Field(0.15, description="CurricularFace margin m (both losses)")
+    scale: float = Field(30.0, description="logit scale 1/tau (both losses)")
+    t_alpha: float = Field(0.01, description="moving-average rate of the adaptive t")
+    lambda_cls: float = Field(0.5, description="weight of the classification loss")
+    lambda_con: float = Field(0.5, description="weight of the momentum contrastive loss")
+    momentum: float = Field(0.999, description="EMA factor of the momentum encoder")
+    queue_size: int = Field(8192, ge=1, description="momentum descriptors kept in the queue")
+
+
+class OptimConfig(Section):
+    lr: float = Field(0.01, gt=0, description="SGD learning rate (warm-up, then cosine to 0)")
+    head_lr_mult: float = Field(1.0, gt=0, description="lr factor for the whitening FC + class weights")
+    momentum: float = Field(0.9, description="SGD momentum")
+    weight_decay: float = Field(1e-4, description="SGD weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    max_steps: int = Field(1000, ge=1, description="training steps in all")
+    batch_size: int = Field(16, ge=2, description="images per worker per step")
+    clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm (None: no clipping)")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=0, description="DDP workers (0: local mode in the driver)")
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl), else gloo on CPU")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (and torch threads)")
+    bf16: bool = Field(False, description="bf16 autocast for the forward pass")
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(100, ge=1, description="checkpoint every N steps")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept in the store")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+    controller_failure_limit: int = Field(2, ge=0, description="Ray Train controller failures allowed")
+
+
+class EvalConfig(Section):
+    benchmark: str | None = Field(None, description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
+    scales: tuple[float, ...] = Field(DEFAULT_SCALES, description="multi-scale inference scales")
+
+
+class TrainGlobalConfig(Section):
+    name: str = Field("stage1", description="run name: rerunning the same name resumes it")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("cvnet-stage1", description="MLflow experiment")
+    register_as: str | None = Field("cvnet-global", description="registered model name (None: do not register)")
+    seed: int = Field(0, description="sampling and augmentation seed")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalConfig = EvalConfig()
+
+
+# ---- extract ---------------------------------------------------------------------------------
+
+class ExtractConfig(Section):
+    """``cvnet extract``: what to extract (identity of the output) and how to run it."""
+
+    manifest: str = Field(..., description="image manifest URI (Parquet or CSV)")
+    model: str = Field(..., description="CVNet checkpoint URI")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    output: str | None = Field(None, description="feature table URI (None: derived from the store and model)")
+    rerank_features: bool = Field(False, description="also store the rerank pyramid features")
+    float16: bool = Field(False, description="store features as float16")
+    scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1,
+                                      description="multi-scale inference scales")
+    shard_size: int = Field(1000, ge=1, description="manifest rows per commit")
+    refresh_changed: bool = Field(False, description="re-extract known image_ids whose uri changed")
+    retry_bad_inputs: bool = Field(False, description="reprocess the recorded bad inputs")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="fail the run (after committing) "
+                                                                 "above this fraction of bad inputs")
+    transient_retries: int = Field(3, ge=0, description="retries (with backoff) of a transient read/model failure")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    num_actors: int = Field(1, ge=1, description="model actors")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    torch_threads: int = Field(1, ge=1, description="torch threads per actor")
+    batch_size: int = Field(8, ge=1, description="images per forward pass")
+    part_rows: int = Field(64, ge=1, description="images per actor call")
+    read_rows: int = Field(16, ge=1, description="images per decode task")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("extract", description="MLflow experiment")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "data.flip=false"]`` -> a nested dict with YAML-parsed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({err})")
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty file: ``{}``)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    if not isinstance(loaded, (dict, type(None))):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded or {}
+
+
+def load_config(model: type[M], path: str | Path | None = None,
+                overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> M:
+    """Build ``model`` from defaults < YAML file ``path`` < ``values`` (flags) < ``overrides``."""
+    data = read_config_file(path) if path is not None else {}
+    data = _merge(_merge(data, values or {}), parse_overrides(overrides or []))
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+        source = f" (file {path})" if path else ""
+        raise ConfigError(f"invalid config{source}: {problems}") from None
+
+
+def describe_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, description)`` of every key, sections flattened to ``section.key``."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            rows += describe_keys(kind, f"{key}.")
+            continue
+        default = "required" if field.is_required() else repr(field.default)
+        rows.append((key, default, field.description or ""))
+    return rows

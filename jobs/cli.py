@@ -2,7 +2,9 @@
 
 Each job lives in its own module under ``jobs/`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. Job modules import only the standard
-library at module level, so ``cvnet --help`` stays fast; heavy imports happen in ``run``.
+library at module level, and a sub-command's arguments are added only when it is the one
+chosen (a typed config's flags need pydantic), so ``cvnet --help`` stays fast; heavy imports
+happen in ``run``.
 The same module is the entrypoint that ``ray job submit`` runs (``python -m jobs.<name>``).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "demo": "jobs.demo",
     "synth": "jobs.synth",
+    "manifest": "jobs.manifest",
     "extract": "jobs.extract",
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
@@ -36,14 +39,28 @@ def available_commands() -> dict[str, ModuleType]:
     return found
 
 
+class _LazyCommands(argparse._SubParsersAction):
+    """Sub-commands whose ``add_arguments`` runs only when the command is chosen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, ModuleType] = {}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        module = self.pending.pop(values[0], None)
+        if module is not None:
+            module.add_arguments(self.choices[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvnet", description="CVNet retrieval pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_LazyCommands)
     for name, module in available_commands().items():
         job = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(job)
         job.set_defaults(_run=module.run)
+        sub.pending[name] = module
     return parser
 
 

@@ -1,156 +1,99 @@
-"""Typed job configs: a YAML file plus ``key=value`` overrides (dotted keys, YAML values).
+"""One command line for every typed job config: ``--config FILE``, ``--<key>`` flags and
+``key=value`` overrides.
 
-Errors name the offending key: an unknown key, a value of the wrong type, a malformed
-override. Configs never hold credentials (those come from the AWS chain / environment).
+The models and their loading live in :mod:`cvnet.config` (pipelines receive the typed objects);
+this module turns a model into argparse arguments and a parsed namespace back into the model.
+Flags exist for the model's top-level scalar keys (a bool is ``--x`` / ``--no-x``, a tuple takes
+several values); every key, sections included (``section.key``), can be set in the file or as a
+trailing ``key=value``. Precedence: defaults < file < flags < overrides.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+import argparse
+import types
+import typing
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 
-M = TypeVar("M", bound=BaseModel)
+from cvnet.config import (ConfigError, ExtractConfig, M, TrainGlobalConfig, describe_keys,
+                          load_config, parse_overrides)
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["ConfigError", "ExtractConfig", "TrainGlobalConfig",
+           "add_config_arguments", "config_from_args", "load_config", "parse_overrides"]
 
 
-class DataConfig(_Section):
-    root: str = Field("", description="GLDv2-format root (train_clean.csv + train/) or a manifest")
-    split: str = "train_clean"
-    image_size: int = Field(224, gt=15, description="square training crop side, pixels")
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    flip: bool = True
-    sampling: Literal["uniform", "balanced"] = "uniform"
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
 
 
-class ModelConfig(_Section):
-    depth: Literal[50, 101] = 50
-    backbone_init: str | None = Field(None, description="ImageNet ResNet checkpoint path/URI")
-    init_seed: int = Field(0, description="seed of the deterministic init without backbone_init")
-    freeze_stages: int = Field(0, ge=0, le=4, description="freeze stem + s1..sN (0: none)")
-    center_head: bool = Field(False, description="fresh runs: centre the descriptors on a first "
-                                                "batch via the whitening bias")
+class _ValuesFlag(argparse.Action):
+    """A flag taking several values; ``key=value`` words after them are overrides, not values
+    (``--scales 1.0 0.7 shard_size=4``)."""
 
+    def __init__(self, *args, item: type = str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.item = item
 
-class LossConfig(_Section):
-    margin: float = 0.15
-    scale: float = 30.0
-    t_alpha: float = 0.01
-    lambda_cls: float = 0.5
-    lambda_con: float = 0.5
-    momentum: float = 0.999
-    queue_size: int = Field(8192, ge=1)
-
-
-class OptimConfig(_Section):
-    lr: float = Field(0.01, gt=0)
-    head_lr_mult: float = Field(1.0, gt=0, description="lr factor for the whitening FC + class weights")
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = Field(0, ge=0)
-    max_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=2, description="images per worker per step")
-    clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm (None: no clipping)")
-
-
-class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=0, description="DDP workers (0: local mode in the driver)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    bf16: bool = False
-
-
-class CheckpointSection(_Section):
-    every_steps: int = Field(100, ge=1)
-    num_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(3, ge=0)
-    controller_failure_limit: int = Field(2, ge=0)
-
-
-class EvalConfig(_Section):
-    benchmark: str | None = Field(None, description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
-    scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)
-
-
-class TrainGlobalConfig(_Section):
-    name: str = Field("stage1", description="run name: rerunning the same name resumes it")
-    store: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = "cvnet-stage1"
-    register_as: str | None = "cvnet-global"
-    seed: int = 0
-    log_every: int = Field(10, ge=1)
-    fault_injection_step: int | None = Field(None, description="tests: raise once at this step")
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    scaling: ScalingSection = ScalingSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    eval: EvalConfig = EvalConfig()
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=0.1", "data.flip=false"]`` -> a nested dict with YAML-parsed values."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value")
+    def __call__(self, parser, namespace, values, option_string=None):
+        cut = next((i for i, word in enumerate(values) if "=" in word), len(values))
+        if cut == 0:
+            parser.error(f"argument {option_string}: expected at least one value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({err})")
-        _set_dotted(tree, key.strip(), value)
-    return tree
+            setattr(namespace, self.dest, [self.item(word) for word in values[:cut]])
+        except ValueError:
+            parser.error(f"argument {option_string}: expected {self.item.__name__} values, got {values[:cut]}")
+        namespace.trailing_overrides = [*getattr(namespace, "trailing_overrides", []), *values[cut:]]
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def flag_options(annotation: Any) -> dict[str, Any] | None:
+    """argparse options for a field of this type; ``None`` for a section (overrides only)."""
+    kind = _without_none(annotation)
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return None
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return {"nargs": "+", "action": _ValuesFlag, "item": args[0], "metavar": args[0].__name__.upper()}
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": args}
+    return {"type": kind if kind in (int, float, str) else str}  # pydantic validates the rest
 
 
-def load_config(model: type[M], path: str | Path | None = None,
-                overrides: list[str] | None = None) -> M:
-    """Build ``model`` from a YAML file (optional) and ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"config file {path}: {err}") from err
-        if not isinstance(loaded, (dict, type(None))):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        data = loaded or {}
-    data = _merge(data, parse_overrides(overrides or []))
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
-        source = f" (file {path})" if path else ""
-        raise ConfigError(f"invalid config{source}: {problems}") from None
+def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Add ``--config``, the flags of ``model``'s top-level scalar keys and ``key=value ...``;
+    the help lists every key with its description (section keys in the epilog)."""
+    parser.add_argument("--config", metavar="FILE", default=None, help="YAML config file (see configs/)")
+    flags = parser.add_argument_group("config keys (also settable in the file or as key=value)")
+    sections = []
+    for name, field in model.model_fields.items():
+        options = flag_options(field.annotation)
+        if options is None:
+            sections.append(name)
+            continue
+        default = ("required" if field.is_required() else
+                   "" if field.default is None else f"default: {field.default!r}")
+        text = f"{field.description} ({default})" if default else field.description
+        flags.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                           help=text.replace("%", "%%"), **options)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                        help="overrides after the flags: YAML values, dotted keys for sections")
+    keys = [row for row in describe_keys(model) if row[0].split(".", 1)[0] in sections]
+    if keys:
+        width = max(len(key) for key, _, _ in keys)
+        parser.epilog = "section keys (file or key=value):\n" + "\n".join(
+            f"  {key:<{width}}  {description} (default: {default})" for key, default, description in keys)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def config_from_args(model: type[M], args: argparse.Namespace) -> M:
+    """The validated config: defaults < ``args.config`` < flags given < ``args.overrides``."""
+    values = {name: getattr(args, name) for name in model.model_fields
+              if flag_options(model.model_fields[name].annotation) is not None and hasattr(args, name)}
+    overrides = [*args.overrides, *getattr(args, "trailing_overrides", [])]
+    return load_config(model, args.config, overrides, values)

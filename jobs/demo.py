@@ -50,12 +50,14 @@ def db_manifest(bench: str, uri: str) -> str:
 def extract_and_evaluate(net, model_uri: str, bench: str, manifest: str, output: str,
                          scales: tuple[float, ...]) -> dict:
     """Database descriptors through the extraction pipeline, then revisitop metrics."""
+    from cvnet.config import ExtractConfig
+    from cvnet.storage import file_sha256
     from jobs.evaluate import evaluate_global
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract import run_extract
 
     run_extract(ExtractConfig(manifest=manifest, model=model_uri, output=output, scales=scales,
                               shard_size=100, num_actors=1, actor_cpus=1.0, torch_threads=2))
-    return evaluate_global(net, bench, scales, features=output)
+    return evaluate_global(net, bench, scales, features=output, model_sha256=file_sha256(model_uri))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="CVNet checkpoint URI")
     parser.add_argument("--features", default=None,
                         help="extraction output with the database descriptors (default: compute)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.7071, 1.0, 1.4142])
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="inference scales (default: the three of the paper)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -43,8 +43,9 @@ def query_descriptors(net: Any, root: str, gt: dict, scales: Sequence[float]):
 
 
 def database_descriptors(net: Any, root: str, gt: dict, scales: Sequence[float],
-                         features: str | None = None):
-    """(n_db, dim) database descriptors in ``imlist`` order: read from ``features`` or computed."""
+                         features: str | None = None, model_sha256: str | None = None):
+    """(n_db, dim) database descriptors in ``imlist`` order: read from the extraction output
+    ``features`` (refused unless extracted by the model of hash ``model_sha256``) or computed."""
     import numpy as np
 
     from cvnet.data.revisitop import load_image
@@ -54,7 +55,7 @@ def database_descriptors(net: Any, root: str, gt: dict, scales: Sequence[float],
     if features is None:
         images = [load_image(root, n) for n in gt["imlist"]]
         return multiscale_descriptors(net, images, scales)
-    ids, X = read_descriptors(features)
+    ids, X = read_descriptors(features, model_sha256=model_sha256)
     where = {image_id: i for i, image_id in enumerate(ids)}
     missing = [n for n in gt["imlist"] if n not in where]
     if missing:
@@ -63,17 +64,20 @@ def database_descriptors(net: Any, root: str, gt: dict, scales: Sequence[float],
     return X[np.array([where[n] for n in gt["imlist"]])]
 
 
-def evaluate_global(net: Any, root: str, scales: Sequence[float] = (0.7071, 1.0, 1.4142),
-                    features: str | None = None) -> dict[str, dict[str, float]]:
+def evaluate_global(net: Any, root: str, scales: Sequence[float] | None = None,
+                    features: str | None = None, model_sha256: str | None = None) -> dict[str, dict[str, float]]:
     """revisitop metrics (fractions) of global network ``net`` on the benchmark at ``root``."""
     from cvnet import storage
     from cvnet.data.revisitop import load_ground_truth
     from cvnet.eval.revisitop import evaluate
     from cvnet.index import ranks_for_revisitop
 
+    from cvnet.config import DEFAULT_SCALES
+
+    scales = scales or DEFAULT_SCALES
     gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
     queries = query_descriptors(net, root, gt, scales)
-    database = database_descriptors(net, root, gt, scales, features)
+    database = database_descriptors(net, root, gt, scales, features, model_sha256)
     return evaluate(ranks_for_revisitop(queries, database), gt)
 
 
@@ -88,9 +92,11 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cvnet.models.checkpoints import load_model
+    from cvnet.storage import file_sha256
 
     net = load_model(args.model).encoder_q
-    results = evaluate_global(net, args.benchmark, args.scales, args.features)
+    sha = file_sha256(args.model) if args.features else None  # features must be this model's
+    results = evaluate_global(net, args.benchmark, args.scales, args.features, sha)
     if args.json:
         print(json.dumps(results, sort_keys=True))
     else:

@@ -1,9 +1,11 @@
 """``cvnet extract``: global descriptors (and optionally rerank features) for an image manifest.
 
-Runs on the Ray cluster at ``--address`` / ``RAY_ADDRESS`` (a local one is started otherwise)
-and is what ``cvnet submit extract ...`` runs on a cluster. Output: the model's committed
-tables under ``<store>/features/<model>-<sha12>/`` (or ``--output``), grown by every manifest;
-a rerun resumes. One MLflow run per job, with the table versions read and written.
+Configured by :class:`cvnet.config.ExtractConfig` (``--config FILE``, ``--<key>`` flags,
+``key=value`` overrides; ``cvnet extract --help`` lists the keys). Runs on the Ray cluster at
+``--address`` / ``RAY_ADDRESS`` (a local one is started otherwise) and is what
+``cvnet submit extract ...`` runs on a cluster. Output: the model's committed tables under
+``<store>/features/<model>-<sha12>/`` (or ``--output``), grown by every manifest; a rerun
+resumes. One MLflow run per job, with the table versions read and written.
 """
 from __future__ import annotations
 
@@ -17,23 +19,15 @@ HELP = "extract descriptors (and rerank features) for a manifest on Ray, exactly
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # TODO(lead-merge): replaced by the generic typed-config flags of the config branch
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--store", default=None)
-    parser.add_argument("--output", default=None)
-    parser.add_argument("--rerank-features", action="store_true")
-    parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--part-rows", type=int, default=64)
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05)
-    parser.add_argument("--address", default=None)
-    parser.add_argument("--tracking-uri", default=None)
+    from jobs.config import ExtractConfig, add_config_arguments
+
+    add_config_arguments(parser, ExtractConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvnet.config import ExtractConfig
+    from jobs.config import ExtractConfig, config_from_args
 
-    cfg = ExtractConfig(**{k: v for k, v in vars(args).items() if k in ExtractConfig.model_fields})
+    cfg = config_from_args(ExtractConfig, args)
     if cfg.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
     import mlflow
@@ -55,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                             "bad_inputs": result.bad_inputs, "skipped": result.skipped,
                             "seconds": result.seconds})
     print(f"processed {result.images} images ({result.bad_inputs} bad inputs, {result.skipped} already "
-          f"committed) into {storage.redact(result.output)} in {result.seconds:.1f} s; versions "
+          f"committed) into {storage.redact(result.output)} in {result.seconds:.1f} s; table versions "
           f"{result.versions_read} -> {result.versions_written}")
     return 0
 

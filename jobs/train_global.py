@@ -18,15 +18,15 @@ from typing import Any
 
 from jobs.cli import entrypoint
 
-HELP = "train the global descriptor (stage 1) with DDP; --config FILE [key=value ...]"
+HELP = "train the global descriptor (stage 1) with DDP; --config FILE [--flags] [key=value ...]"
 log = logging.getLogger(__name__)
 NAME_TAG = "cvnet.train_name"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, dotted keys (optim.lr=0.05 scaling.num_workers=4)")
+    from jobs.config import TrainGlobalConfig, add_config_arguments
+
+    add_config_arguments(parser, TrainGlobalConfig)
 
 
 @dataclass
@@ -108,9 +108,9 @@ def train(cfg: Any) -> TrainOutcome:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.config import TrainGlobalConfig, load_config
+    from jobs.config import TrainGlobalConfig, config_from_args
 
-    outcome = train(load_config(TrainGlobalConfig, args.config, args.overrides))
+    outcome = train(config_from_args(TrainGlobalConfig, args))
     print(f"trained to step {outcome.step} (resumed from {outcome.resumed_from or 'none'}); "
           f"model {outcome.model_uri}; MLflow run {outcome.run_id} at {outcome.tracking_uri}"
           + (f"; registered version {outcome.model_version}" if outcome.model_version else ""))

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from cvnet import storage
 from cvnet.tables import DuplicateKeys, TableWriter, write_table_fragments
 
 log = logging.getLogger(__name__)

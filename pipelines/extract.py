@@ -12,7 +12,6 @@ model) become bad inputs.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -64,16 +63,6 @@ class ExtractResult:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def file_sha256(uri: str) -> str:
-    """SHA-256 of a file (streamed; local or remote)."""
-    fs, path = storage.filesystem(uri)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_output(store: str, model: str, model_sha256: str) -> str:
@@ -239,7 +228,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     started = time.monotonic()
     manifest = read_manifest(cfg.manifest)
     check_unique_ids(manifest, cfg.manifest)
-    model_sha = file_sha256(cfg.model)
+    model_sha = storage.file_sha256(cfg.model)
     output = cfg.output or default_output(cfg.store or storage.default_store(), cfg.model, model_sha)
     lease = Lease(output, owner=f"extract {storage.redact(cfg.manifest)}", ttl_s=cfg.lease_ttl_s).acquire()
     try:

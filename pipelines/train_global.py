@@ -32,10 +32,6 @@ STATE_FILE = "stage1_state.pt"
 META_FILE = "stage1_meta.json"
 
 
-class InjectedFault(RuntimeError):
-    """Raised once at ``fault_injection_step`` (tests of worker-failure recovery)."""
-
-
 @dataclass
 class Stage1Result:
     """Where the final checkpoint is and what it holds."""
@@ -43,17 +39,6 @@ class Stage1Result:
     checkpoint_path: str
     step: int
     resumed_from: list[int]
-
-
-def _inject_fault(cfg: dict[str, Any], step: int, rank: int) -> None:
-    """Raise once (marker file in the run folder) when ``step`` is the configured fault step."""
-    if cfg.get("fault_injection_step") != step or rank != 0:
-        return
-    fs, path = storage.filesystem(storage.join(cfg["_run_dir"], "_fault_injected"))
-    if fs.exists(path):
-        return
-    fs.pipe_file(path, f"step {step}\n".encode())
-    raise InjectedFault(f"injected fault at step {step}")
 
 
 def _save(state: Stage1State, landmark_ids: np.ndarray) -> str:
@@ -121,7 +106,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     metrics: dict[str, float] = {}
     while state.step < max_steps:
         step = state.step
-        _inject_fault(cfg, step, rank)
         indices = worker_indices(train_set, step, optim["batch_size"], rank, world, cfg["seed"],
                                  data["sampling"])
         queries, keys, labels = loader.load(indices, np.random.default_rng([cfg["seed"], step, rank]))

@@ -248,3 +248,42 @@ def test_readers_through_s3(gldv2_root, s3_bucket):
     assert read_manifest(out).equals(table)
     with pytest.raises(ImageReadError, match="not found"):
         read_image_bytes(f"{s3_bucket}/gldv2/missing.jpg")
+
+
+def test_relative_uris_resolve_against_the_manifest_folder(gldv2_root, workdir, monkeypatch, caplog):
+    """A manifest with relative paths (written by hand, not by write_manifest) reads with its
+    images found from any working directory: paths resolve against the manifest's folder."""
+    import pyarrow.parquet as pq
+
+    root, blobs = gldv2_root
+    table = gldv2_manifest(str(root), "index")
+    ids = table["image_id"].to_pylist()
+    relative = [f"gldv2/index/{member_name(i)}" for i in ids[:-1]]
+    relative.append(tar_member_uri("gldv2/index/images_000.tar", member_name(ids[-1])))
+    pq.write_table(table.set_column(1, "uri", pa.array(relative)).drop_columns(["bbx"]),
+                   workdir / "rel.parquet")  # also an old manifest: no bbx column
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    read = read_manifest("../rel.parquet")
+    assert read["uri"].to_pylist()[:-1] == [str(root / "index" / member_name(i)) for i in ids[:-1]]
+    assert read["uri"][-1].as_py() == tar_member_uri(str(root / "index" / "images_000.tar"),
+                                                     member_name(ids[-1]))
+    assert [read_image_bytes(u) for u in read["uri"].to_pylist()] == [blobs[i] for i in ids]
+    assert read["bbx"].null_count == len(ids)
+    assert f"{len(ids)} relative image path(s) resolved against its folder {workdir}" in caplog.text
+    # writers store absolute paths: relative ones resolve against the writer's working directory
+    write_manifest(table.set_column(1, "uri", pa.array([f"x/{i}.jpg" for i in ids])), "w.parquet")
+    stored = pq.read_table(elsewhere / "w.parquet")["uri"].to_pylist()
+    assert stored == [str(elsewhere / "x" / f"{i}.jpg") for i in ids]
+
+
+def test_query_boxes_are_validated(gldv2_root, workdir):
+    root, _ = gldv2_root
+    table = gldv2_manifest(str(root), "test")
+    boxes = pa.array([[1.0, 2.0, 30.0, 40.0], [1.0, 2.0, 3.0]], pa.list_(pa.float64()))
+    with pytest.raises(ManifestError, match="'bbx' has 1 box"):
+        write_manifest(table.set_column(4, "bbx", boxes), str(workdir / "m.parquet"))
+    write_manifest(table.set_column(4, "bbx", pa.array([[1, 2, 30, 40], None], boxes.type)),
+                   str(workdir / "m.parquet"))
+    assert read_manifest(str(workdir / "m.parquet"))["bbx"].to_pylist() == [[1, 2, 30, 40], None]

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from cvnet.data.images import crop_query, decode_image
+from cvnet.data.manifest import read_image_bytes
 from cvnet.data.revisitop import (
     GroundTruthError, load_ground_truth, load_query_image, r1m_manifest, revisitop_manifest,
     shortlist_gt_aware, shortlist_topk,
@@ -80,6 +82,9 @@ def test_manifest_and_query_crop(workdir):
         {"values": "db", "counts": 4993}, {"values": "query", "counts": 70}]
     assert table["uri"][0].as_py() == str(root / "jpg" / f"{gt['imlist'][0]}.jpg")
     assert table["image_id"][4993].as_py() == gt["qimlist"][0]
+    assert table["bbx"][4993].as_py() == [float(v) for v in gt["gnd"][0]["bbx"]]
+    assert table["bbx"].null_count == 4993  # database rows are whole images
+    assert revisitop_manifest(str(root), "roxford5k", queries=False).num_rows == 4993
     # query 0's image (PNG bytes behind the .jpg name): pixel value encodes the column
     x1, y1, x2, y2 = gt["gnd"][0]["bbx"]
     image = np.tile((np.arange(int(x2) + 5) % 251).astype(np.uint8)[None, :, None], (int(y2) + 5, 1, 3))
@@ -87,6 +92,9 @@ def test_manifest_and_query_crop(workdir):
     crop = load_query_image(str(root), gt, 0)
     assert crop.shape == (int(y2) - int(y1), int(x2) - int(x1), 3)
     assert crop[0, 0, 0] == int(x1) % 251
+    # a manifest row crops the same way: crop_query(image, row["bbx"])
+    row = table.slice(4993, 1).to_pylist()[0]
+    assert np.array_equal(crop_query(decode_image(read_image_bytes(row["uri"])), row["bbx"]), crop)
 
 
 def test_r1m_manifest(workdir):

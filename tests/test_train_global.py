@@ -4,6 +4,9 @@ MLflow server recording the run."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -203,57 +206,69 @@ def tiny_synth(tmp_path_factory):
     return out / "gldv2"
 
 
-def _tiny_cfg(name: str, store: str, root, extra: list[str]) -> TrainGlobalConfig:
-    return load_config(TrainGlobalConfig, None,
-                       TINY + [f"name={name}", f"store={store}", f"data.root={root}", *extra])
+def _tiny_overrides(name: str, store: str, root, extra: list[str]) -> list[str]:
+    return TINY + [f"name={name}", f"store={store}", f"data.root={root}", *extra]
+
+
+def _run_with_fault(cluster, marker: Path, cvnet_args: list[str]) -> subprocess.CompletedProcess:
+    """``cvnet <args>`` as its own Ray driver on the test cluster; its rank-0 worker raises once
+    at step 3 (``tests.faults``: a worker setup hook, the code under test has no fault hook)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.faults", "3", str(marker),
+         cluster.get_runtime_context().gcs_address, *cvnet_args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_worker_fault_resumes_from_checkpoint_on_s3_with_mlflow_server(
-        s3_bucket, mlflow_server, ray_local, tiny_synth):
+        s3_bucket, mlflow_server, ray_local, tiny_synth, workdir):
     """A worker raises at step 3; Ray Train restarts the group, which resumes from the step-2
     checkpoint on S3 (moto server) and finishes; the MLflow server records the run."""
     from mlflow.tracking import MlflowClient
 
     from cvnet import storage
-    from jobs.train_global import train
 
-    cfg = _tiny_cfg("fault-s3", s3_bucket, tiny_synth,
-                    ["fault_injection_step=3", "checkpoint.max_failures=1",
-                     f"tracking_uri={mlflow_server['url']}", "experiment=test-stage1"])
-    outcome = train(cfg)
-    assert outcome.step == 4 and outcome.resumed_from == [2]
+    marker = workdir / "fault"
+    proc = _run_with_fault(ray_local, marker, ["train-global", *_tiny_overrides(
+        "fault-s3", s3_bucket, tiny_synth,
+        ["checkpoint.max_failures=1", f"tracking_uri={mlflow_server['url']}",
+         "experiment=test-stage1"])])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert marker.read_text().startswith("step 3 ")  # the fault really happened
+    printed = re.search(r"trained to step (\d+) \(resumed from \[(.*)\]\); model (\S+); "
+                        r"MLflow run (\w+) at \S+; registered version (\d+)", proc.stdout)
+    assert printed, proc.stdout
+    step, resumed, model_uri, run_id, model_version = printed.groups()
+    assert (step, resumed) == ("4", "2")  # resumed from the step-2 checkpoint, finished
     fs, _ = storage.filesystem(s3_bucket)
     run_dir = storage.join(s3_bucket, "checkpoints", "fault-s3")
-    assert fs.exists(storage.filesystem(storage.join(run_dir, "_fault_injected"))[1])
     assert fs.exists(storage.filesystem(
         storage.join(run_dir, "step_00000004", "stage1_state.pt"))[1])
-    assert fs.exists(storage.filesystem(outcome.model_uri)[1])
+    assert fs.exists(storage.filesystem(model_uri)[1])
     client = MlflowClient(mlflow_server["url"])
-    run = client.get_run(outcome.run_id)
+    run = client.get_run(run_id)
     assert run.data.params["optim.batch_size"] == "4"
-    loss_steps = [m.step for m in client.get_metric_history(outcome.run_id, "loss")]
+    loss_steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert set(loss_steps) == {1, 2, 3, 4}  # steps 3 and 4 logged after the resume
     assert {"loss_cls", "loss_con", "lr", "images_per_s"} <= set(run.data.metrics)
-    assert [a.path for a in client.list_artifacts(outcome.run_id, "model")] == \
-        ["model/cvnet_global.pth"]
-    version = client.get_model_version("cvnet-global", outcome.model_version)
-    assert version.run_id == outcome.run_id
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/cvnet_global.pth"]
+    version = client.get_model_version("cvnet-global", model_version)
+    assert version.run_id == run_id
 
 
 def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny_synth):
-    """Without retries the fault ends fit() (like a crashed driver); fitting again under the
+    """Without retries the fault ends the job (like a crashed driver); fitting again under the
     same run name resumes from the last checkpoint instead of step 0."""
-    from ray.train import TrainingFailedError
-
     from pipelines.train_global import fit_stage1, load_trained_net
 
     store = str(workdir / "store")
-    cfg = _tiny_cfg("crash", store, tiny_synth,
-                    ["fault_injection_step=3", "checkpoint.max_failures=0"])
+    overrides = _tiny_overrides("crash", store, tiny_synth, ["checkpoint.max_failures=0"])
     staged = set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*"))
-    with pytest.raises(TrainingFailedError):
-        fit_stage1(cfg.model_dump())
-    result = fit_stage1(cfg.model_dump())
+    marker = workdir / "fault"
+    proc = _run_with_fault(ray_local, marker, ["train-global", *overrides])
+    assert proc.returncode == 1 and "InjectedFault: injected fault at step 3" in proc.stderr, \
+        proc.stderr[-4000:]
+    assert marker.read_text().startswith("step 3 ")
+    result = fit_stage1(load_config(TrainGlobalConfig, None, overrides).model_dump())
     assert result.step == 4 and result.resumed_from == [2]
     # each checkpoint's local staging folder is gone once the store has it
     assert set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*")) <= staged

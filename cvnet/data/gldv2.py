@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cvnet.data.manifest import (
-    MANIFEST_SCHEMA, TarIndex, cache_tar_index, scan_tar, tar_index, tar_member_uri,
+    TarIndex, cache_tar_index, is_image_file, list_files, manifest_table, scan_tar, scheme_uri,
+    tar_index, tar_member_uri,
 )
 from cvnet.storage import filesystem, join, redact
 
@@ -264,8 +265,7 @@ def folder_uri(root: str, subset: str, image_id: str) -> str:
 def list_shards(root: str, subset: str) -> list[str]:
     """The tar shards ``<root>/<subset>/images_*.tar``, sorted."""
     fs, path = filesystem(join(root, subset))
-    prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
-    return sorted(prefix + p for p in fs.glob(f"{path}/images_*.tar"))
+    return sorted(scheme_uri(root, p) for p in fs.glob(f"{path}/images_*.tar"))
 
 
 def read_md5_list(uri: str) -> dict[str, str]:
@@ -391,6 +391,19 @@ def gldv2_manifest(root: str, split: str = "train_clean", layout: str = "folder"
     ``layout="tar"`` at its member in the subset's shards (``tar://<member>::<shard>``), and
     raises if a listed image is in no shard.
     """
+    return _manifest(root, split, layout, verify_md5, inventory=False)[0]
+
+
+def gldv2_inventory(root: str, split: str = "train_clean", layout: str = "folder",
+                    verify_md5: bool = True) -> tuple[pa.Table, list[str]]:
+    """The manifest of a split (as :func:`gldv2_manifest`) and the URIs of every image its subset
+    holds, listed in the split's CSV or not: the image files under ``<root>/<subset>/`` (one
+    recursive listing), or the members of its shards."""
+    return _manifest(root, split, layout, verify_md5, inventory=True)
+
+
+def _manifest(root: str, split: str, layout: str, verify_md5: bool,
+              inventory: bool) -> tuple[pa.Table, list[str]]:
     if split not in SPLITS:
         raise ValueError(f"unknown GLDv2 split {split!r}; choose one of {sorted(SPLITS)}")
     if layout not in LAYOUTS:
@@ -399,18 +412,19 @@ def gldv2_manifest(root: str, split: str = "train_clean", layout: str = "folder"
     ids, labels = _split_rows(root, split)
     if layout == "folder":
         uris = [folder_uri(root, subset, i) for i in ids]
-    else:
-        members = shard_members(root, subset, verify_md5)
-        uris = []
-        absent = []
-        for image_id in ids:
-            shard = members.get(member_name(image_id))
-            if shard is None:
-                absent.append(image_id)
-            else:
-                uris.append(tar_member_uri(shard, member_name(image_id)))
-        if absent:
-            raise GLDv2FormatError(join(root, subset), [(0, f"image {i!r} is in no images_*.tar shard")
-                                                        for i in absent[:MAX_REPORTED]], len(absent))
-    return pa.table({"image_id": ids, "uri": uris, "landmark_id": pa.array(labels, pa.int64()),
-                     "split": [split] * len(ids)}, schema=MANIFEST_SCHEMA)
+        found = [u for u in list_files(join(root, subset)) if is_image_file(u)] if inventory else []
+        return manifest_table(ids, uris, split, labels), found
+    members = shard_members(root, subset, verify_md5)
+    uris = []
+    absent = []
+    for image_id in ids:
+        shard = members.get(member_name(image_id))
+        if shard is None:
+            absent.append(image_id)
+        else:
+            uris.append(tar_member_uri(shard, member_name(image_id)))
+    if absent:
+        raise GLDv2FormatError(join(root, subset), [(0, f"image {i!r} is in no images_*.tar shard")
+                                                    for i in absent[:MAX_REPORTED]], len(absent))
+    found = [tar_member_uri(shard, m) for m, shard in members.items()] if inventory else []
+    return manifest_table(ids, uris, split, labels), found

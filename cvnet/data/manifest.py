@@ -9,12 +9,21 @@ Tar members are read with one ranged read each: the shard's member index (name -
 and size) is built once per process from the tar headers (:func:`tar_index`) and cached (the
 ``TAR_CACHE_SHARDS`` most recently used shards), so reading N members of one shard never
 rescans it and never extracts the whole tar.
+
+URIs in a manifest are absolute: :func:`write_manifest` resolves relative local paths against
+the working directory of the writer (where they point for it), and :func:`read_manifest`
+resolves any relative path it still finds against the manifest's own folder (a job on a cluster
+has no other anchor; a relative path there once read as "file not found" for every image).
 """
 from __future__ import annotations
 
+import logging
+import os
+import posixpath
 import tarfile
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -22,16 +31,25 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cvnet.storage import filesystem, put_atomic, redact
+from cvnet.storage import filesystem, is_remote, join, put_atomic, redact
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
     pa.field("landmark_id", pa.int64(), nullable=True),
     pa.field("split", pa.string(), nullable=False),
+    # revisitop queries: the crop box [x1, y1, x2, y2] as the ground truth gives it (pixels,
+    # cut by int() truncation: cvnet.data.images.crop_query); null for whole images
+    pa.field("bbx", pa.list_(pa.float64()), nullable=True),
 ], metadata={b"cvnet.schema": b"image_manifest/1"})
+# columns a manifest may lack (written before they existed): read as all-null
+OPTIONAL_COLUMNS = ("bbx",)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 TAR_PREFIX = "tar://"
+_ABSOLUTE = r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"  # a local absolute path or a URI with a scheme
 
 
 class ManifestError(ValueError):
@@ -72,11 +90,15 @@ def split_tar_uri(uri: str) -> tuple[str, str] | None:
 
 def validate_manifest(table: pa.Table, uri: str = "<table>") -> pa.Table:
     """Check columns, types and required values; return the table cast to MANIFEST_SCHEMA."""
-    missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    missing = [f.name for f in MANIFEST_SCHEMA
+               if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS]
     if missing:
         raise ManifestError(uri, f"missing column(s) {missing}; has {table.column_names}")
     columns = []
     for field in MANIFEST_SCHEMA:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
         column = table.column(field.name)
         try:
             column = column.cast(field.type)
@@ -88,12 +110,107 @@ def validate_manifest(table: pa.Table, uri: str = "<table>") -> pa.Table:
             empty = pc.sum(pc.equal(column, "")).as_py() or 0
             if empty:
                 raise ManifestError(uri, f"column {field.name!r} has {empty} empty value(s)")
+        if field.name == "bbx":
+            lengths = pc.list_value_length(column)
+            bad = pc.sum(pc.not_equal(lengths, 4)).as_py() or 0
+            if bad:
+                raise ManifestError(uri, f"column 'bbx' has {bad} box(es) without 4 values")
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
 
 
+def manifest_table(image_ids: Sequence[str], uris: Sequence[str], split: str | Sequence[str],
+                   landmark_ids: Sequence[int | None] | None = None,
+                   bbx: Sequence[Sequence[float] | None] | None = None) -> pa.Table:
+    """A manifest from its columns: ``split`` one name for every row or one per row; without
+    ``landmark_ids`` / ``bbx`` those columns are null."""
+    n = len(image_ids)
+    field = MANIFEST_SCHEMA.field
+    return pa.table({
+        "image_id": pa.array(image_ids, pa.string()), "uri": pa.array(uris, pa.string()),
+        "landmark_id": pa.nulls(n, pa.int64()) if landmark_ids is None else pa.array(landmark_ids, pa.int64()),
+        "split": pa.array([split] * n if isinstance(split, str) else split, pa.string()),
+        "bbx": pa.nulls(n, field("bbx").type) if bbx is None else pa.array(bbx, field("bbx").type),
+    }, schema=MANIFEST_SCHEMA)
+
+
+def scheme_uri(like: str, path: str) -> str:
+    """A path from an fsspec listing (no scheme) as a URI with the scheme of ``like``."""
+    return f"{like.split('://', 1)[0]}://{path}" if "://" in like else path
+
+
+def list_files(folder: str) -> list[str]:
+    """The URIs of every file under ``folder`` (recursive, sorted); none if it does not exist."""
+    fs, path = filesystem(folder)
+    if not fs.exists(path):
+        return []
+    return sorted(scheme_uri(folder, p) for p in fs.find(path))
+
+
+def is_image_file(uri: str) -> bool:
+    """Whether a file name has one of the image suffixes (:data:`IMAGE_SUFFIXES`)."""
+    return uri.lower().endswith(IMAGE_SUFFIXES)
+
+
+def folder_manifest(root: str, split: str = "folder") -> tuple[pa.Table, list[str]]:
+    """The manifest of every image file under ``root`` (recursive), and the other files.
+
+    ``image_id`` is the path relative to ``root`` without its suffix (``a/b/c.jpg`` -> ``a/b/c``);
+    two files with one id (``c.jpg``, ``c.png``) are an error naming both.
+    """
+    files = list_files(root)
+    images = [u for u in files if is_image_file(u)]
+    prefix = len(scheme_uri(root, filesystem(root)[1]).rstrip("/")) + 1
+    ids = [posixpath.splitext(u[prefix:])[0] for u in images]
+    first: dict[str, str] = {}
+    for image_id, uri in zip(ids, images):
+        if image_id in first:
+            raise ManifestError(root, f"image id {image_id!r} from both {first[image_id]} and {uri}")
+        first[image_id] = uri
+    return manifest_table(ids, images, split), [u for u in files if not is_image_file(u)]
+
+
+def absolute_uri(uri: str, base: str) -> str:
+    """``uri`` with a relative path resolved against the folder ``base`` (a path or URI; a
+    relative local ``base`` against the working directory); a tar member's shard likewise.
+    Absolute paths and URIs with a scheme come back unchanged."""
+    parts = split_tar_uri(uri)
+    if parts is not None:
+        return tar_member_uri(absolute_uri(parts[0], base), parts[1])
+    if uri.startswith("/") or "://" in uri:
+        return uri
+    if is_remote(base):
+        scheme, _, path = base.partition("://")
+        return f"{scheme}://{posixpath.normpath(join(path, uri))}"
+    return os.path.normpath(os.path.join(os.path.abspath(base), uri))
+
+
+def absolute_uris(table: pa.Table, base: str) -> tuple[pa.Table, int]:
+    """``table`` with every relative ``uri`` resolved against ``base``, and how many were."""
+    uris = table.column("uri")
+    tar = pc.starts_with(uris, TAR_PREFIX)
+    absolute = pc.if_else(tar, pc.match_substring_regex(uris, rf"^tar://.*::{_ABSOLUTE[1:]}"),
+                          pc.match_substring_regex(uris, _ABSOLUTE))
+    relative = pc.invert(pc.fill_null(absolute, True))
+    count = pc.sum(relative).as_py() or 0
+    if not count:
+        return table, 0
+    resolved = [absolute_uri(u, base) if r else u
+                for u, r in zip(uris.to_pylist(), relative.to_pylist())]
+    index = table.schema.get_field_index("uri")
+    return table.set_column(index, table.schema.field(index), pa.array(resolved, pa.string())), count
+
+
+def _csv_types() -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in MANIFEST_SCHEMA if not pa.types.is_list(f.type)}
+
+
 def read_manifest(uri: str) -> pa.Table:
-    """Read a manifest from Parquet (a file or a folder of files) or CSV, validated."""
+    """Read a manifest from Parquet (a file or a folder of files) or CSV, validated.
+
+    Relative image paths are resolved against the manifest's own folder (the folder itself for
+    a folder of Parquet files), with a warning: they name no file on another machine otherwise.
+    """
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise ManifestError(uri, "no such file or folder")
@@ -101,18 +218,25 @@ def read_manifest(uri: str) -> pa.Table:
         if path.endswith(".csv"):
             with fs.open(path, "rb") as f:
                 table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
-                    column_types={f.name: f.type for f in MANIFEST_SCHEMA},
-                    strings_can_be_null=True))
+                    column_types=_csv_types(), strings_can_be_null=True))
         else:
             table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(uri, f"unreadable: {exc}") from exc
-    return validate_manifest(table, uri)
+    folder = uri if fs.isdir(path) else posixpath.dirname(uri.rstrip("/")) or "."
+    if not is_remote(folder):
+        folder = os.path.abspath(folder)
+    table, count = absolute_uris(validate_manifest(table, uri), folder)
+    if count:
+        log.warning("manifest %s: %d relative image path(s) resolved against its folder %s",
+                    redact(uri), count, redact(folder))
+    return table
 
 
 def write_manifest(table: pa.Table, uri: str) -> None:
-    """Write a validated manifest as one Parquet file, atomically (:func:`storage.put_atomic`)."""
-    table = validate_manifest(table, uri)
+    """Write a validated manifest as one Parquet file, atomically (:func:`storage.put_atomic`);
+    relative local image paths are written resolved against the working directory."""
+    table, _ = absolute_uris(validate_manifest(table, uri), os.getcwd())
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     put_atomic(uri, sink.getvalue().to_pybytes())

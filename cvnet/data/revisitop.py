@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from cvnet.data.images import crop_query, decode_image
-from cvnet.data.manifest import MANIFEST_SCHEMA, read_image_bytes
+from cvnet.data.manifest import manifest_table, read_image_bytes
 from cvnet.storage import filesystem, join
 
 PROTOCOLS = ("easy", "medium", "hard")
@@ -127,13 +127,15 @@ def image_uri(root: str, name: str) -> str:
     return join(root, "jpg", f"{name}.jpg")
 
 
-def revisitop_manifest(root: str, name: str) -> pa.Table:
-    """Manifest of a revisitop dataset: database (split ``db``) then queries (split ``query``)."""
+def revisitop_manifest(root: str, name: str, queries: bool = True) -> pa.Table:
+    """Manifest of a revisitop dataset: database (split ``db``) then, with ``queries``, the
+    queries (split ``query``), each with its crop box ``bbx`` (crop with
+    :func:`cvnet.data.images.crop_query`, as the reference does)."""
     gt = load_ground_truth(join(root, f"gnd_{name}.pkl"))
-    rows = [(n, "db") for n in gt["imlist"]] + [(n, "query") for n in gt["qimlist"]]
-    return pa.table({"image_id": [n for n, _ in rows], "uri": [image_uri(root, n) for n, _ in rows],
-                     "landmark_id": pa.nulls(len(rows), pa.int64()), "split": [s for _, s in rows]},
-                    schema=MANIFEST_SCHEMA)
+    db, qs = gt["imlist"], gt["qimlist"] if queries else []
+    boxes = [None] * len(db) + [gt["gnd"][q].get("bbx") for q in range(len(qs))]
+    return manifest_table(db + qs, [image_uri(root, n) for n in db + qs],
+                          ["db"] * len(db) + ["query"] * len(qs), bbx=boxes)
 
 
 def query_bbx(gt: dict, query: int) -> tuple[float, float, float, float]:
@@ -169,10 +171,8 @@ def read_r1m_list(uri: str) -> list[str]:
 def r1m_manifest(root: str, list_name: str = "revisitop1m.txt") -> pa.Table:
     """Manifest of the R1M distractors (split ``distractor``), uri ``<root>/jpg/<name>``."""
     names = read_r1m_list(join(root, list_name))
-    return pa.table({"image_id": [n.rsplit(".", 1)[0] for n in names],
-                     "uri": [join(root, "jpg", n) for n in names],
-                     "landmark_id": pa.nulls(len(names), pa.int64()),
-                     "split": ["distractor"] * len(names)}, schema=MANIFEST_SCHEMA)
+    return manifest_table([n.rsplit(".", 1)[0] for n in names], [join(root, "jpg", n) for n in names],
+                          "distractor")
 
 
 def shortlist_gt_aware(ranks: np.ndarray, gnd: dict | list, protocol: str, k: int = 100) -> np.ndarray:

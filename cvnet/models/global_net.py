@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvnet.config import DEFAULT_SCALES
 from cvnet.data.images import normalize, resize_for_scale
 from cvnet.models.resnet import ResNet
 
-DEFAULT_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 DESCRIPTOR_DIM = 2048
 TRUNK_DIM = 2048
 
