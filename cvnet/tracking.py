@@ -3,7 +3,10 @@
 Default tracking (no ``--tracking-uri`` / ``MLFLOW_TRACKING_URI``): a SQLite file inside a local
 store (``<store>/mlflow.db``, artifacts in ``<store>/mlflow-artifacts``); for a remote store, a
 SQLite file in the working directory. A cluster points ``MLFLOW_TRACKING_URI`` at an
-``mlflow server`` whose artifact store is the same bucket.
+``mlflow server`` whose artifact store is the same bucket: a job attached to a cluster
+(``--address`` / ``RAY_ADDRESS``, which a Ray job's driver always has) that writes to a remote
+store with a local tracking URI fails at once (:func:`resolve_tracking_uri`), since workers on
+other nodes could not see that file.
 """
 from __future__ import annotations
 
@@ -17,13 +20,37 @@ from cvnet.storage import is_remote, redact
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 
 
-def resolve_tracking_uri(store: str, tracking_uri: str | None = None) -> str:
-    """The MLflow tracking URI for a job writing to ``store``."""
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-    root = os.path.abspath("." if is_remote(store) else store)
-    os.makedirs(root, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
+_LOCAL_SCHEMES = ("sqlite", "file", "")
+
+
+class TrackingConfigError(ValueError):
+    """A tracking URI that cannot work for this job; the message names the setting to give."""
+
+
+def is_local_tracking_uri(uri: str) -> bool:
+    """A tracking URI that only this machine can see (an SQLite file, a folder)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return scheme.split("+", 1)[0] in _LOCAL_SCHEMES
+
+
+def resolve_tracking_uri(store: str, tracking_uri: str | None = None, address: str | None = None) -> str:
+    """The MLflow tracking URI for a job writing to ``store``: ``tracking_uri``, else
+    ``MLFLOW_TRACKING_URI``, else a SQLite file (see the module docstring).
+
+    Raises :class:`TrackingConfigError` for a job attached to a cluster (``address`` or
+    ``RAY_ADDRESS``) with a remote store and a local tracking URI.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        root = os.path.abspath("." if is_remote(store) else store)
+        os.makedirs(root, exist_ok=True)
+        uri = f"sqlite:///{root}/mlflow.db"
+    if (address or os.environ.get("RAY_ADDRESS")) and is_remote(store) and is_local_tracking_uri(uri):
+        raise TrackingConfigError(
+            f"tracking URI {redact(uri)} is a local file, but this job runs on a Ray cluster with the "
+            f"remote store {redact(store)}: workers on other nodes cannot reach it; give --tracking-uri "
+            "(or set MLFLOW_TRACKING_URI) to an mlflow server, e.g. http://mlflow.internal:5000")
+    return uri
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,23 +97,3 @@ def mlflow_run(
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
-
-
-def register_model(name: str, source: str, run_id: str,
-                   tags: Mapping[str, Any] | None = None) -> str:
-    """Register ``source`` (an artifact URI of run ``run_id``) as a new version of ``name``.
-
-    Works for any artifact folder (no MLmodel needed). Returns the version number.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-            raise
-    version = client.create_model_version(name, source, run_id=run_id,
-                                          tags={k: str(v) for k, v in (tags or {}).items()})
-    return str(version.version)

@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "extract": "jobs.extract",
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
+    "promote": "jobs.promote",
+    "rollback": "jobs.rollback",
     "submit": "jobs.submit",
 }
 

@@ -6,6 +6,11 @@ the endpoint / tracking variables of this shell are forwarded (never credentials
 nodes resolve those from their own AWS chain). The submission id is derived from the job and
 its arguments, so submitting the same job twice does not run it twice: a running or finished
 job is reused; a failed or stopped one is replaced (the jobs resume from their commits).
+
+With ``--period P`` (``30m``, ``6h``, ``1d``, ``1w``: N minutes / hours / days / weeks) the id
+also names the period, in UTC, that the submission falls in (periods are multiples of P since
+1970-01-01 00:00 UTC; weeks start on Mondays): a scheduler that resubmits within one period
+gets the existing job back, and the first submission of the next period runs anew.
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs.cli import COMMANDS, entrypoint
@@ -25,6 +32,29 @@ ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_EXCLUDES = [".venv/", ".git/", "cvnet-store/", "tmp/", "bench/results/", "**/__pycache__/",
                    "*.egg-info/", ".pytest_cache/"]
 TERMINAL_OK = "SUCCEEDED"
+PERIOD = re.compile(r"([1-9]\d*)([mhdw])")
+UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MONDAY = 4 * 86400  # 1970-01-01 was a Thursday
+
+
+def period_start(period: str, now: datetime) -> datetime:
+    """The UTC start of the period of length ``period`` (``6h``, ``1d``, ...) holding ``now``."""
+    match = PERIOD.fullmatch(period)
+    if match is None:
+        raise ValueError(f"period {period!r}: expected a count and a unit m, h, d or w (30m, 6h, 1d, 1w)")
+    size = int(match[1]) * UNIT_SECONDS[match[2]]
+    offset = MONDAY if match[2] == "w" else 0
+    moment = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    start = (int(moment.timestamp()) - offset) // size * size + offset
+    return datetime.fromtimestamp(start, timezone.utc)
+
+
+def _period(value: str) -> str:
+    try:
+        period_start(value, datetime.now(timezone.utc))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +64,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submission-id", default=None, help="override the deterministic id")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for the job (AWS_ENDPOINT_URL)")
     parser.add_argument("--working-dir", default=str(ROOT), help="folder uploaded as the job's working dir")
+    parser.add_argument("--period", type=_period, default=None,
+                        help="run at most once per period (30m, 6h, 1d, 1w; UTC): the id names the period")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +84,16 @@ def split_args(args: argparse.Namespace) -> argparse.Namespace:
     return parsed
 
 
-def submission_id(job: str, job_args: list[str]) -> str:
-    """A deterministic id for a job and its arguments (``cvnet-extract-1a2b3c4d5e6f``)."""
+def submission_id(job: str, job_args: list[str], period: str | None = None,
+                  now: datetime | None = None) -> str:
+    """A deterministic id for a job and its arguments (``cvnet-extract-1a2b3c4d5e6f``), with
+    ``period`` the period holding ``now`` (default: the current time) appended
+    (``cvnet-refresh-1a2b3c4d5e6f-1d-20261201T0000Z``)."""
     digest = hashlib.sha256(json.dumps([job, job_args]).encode()).hexdigest()[:12]
-    return f"cvnet-{job}-{digest}"
+    if period is None:
+        return f"cvnet-{job}-{digest}"
+    start = period_start(period, now or datetime.now(timezone.utc))
+    return f"cvnet-{job}-{digest}-{period}-{start:%Y%m%dT%H%MZ}"
 
 
 def runtime_env(working_dir: str, endpoint_url: str | None) -> dict:
@@ -114,7 +152,9 @@ def _wait_terminal(client, job_id: str) -> str:
     return str(status.value)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, now: datetime | None = None) -> int:
+    """Submit (or find again) the job; ``now`` places a ``--period`` submission in time
+    (default: the current time; tests pass other times)."""
     import logging
 
     from ray.job_submission import JobSubmissionClient
@@ -126,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     address = opts.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SystemExit("cvnet submit: no cluster address (--address or RAY_ADDRESS)")
-    job_id = opts.submission_id or submission_id(opts.job, opts.job_args)
+    job_id = opts.submission_id or submission_id(opts.job, opts.job_args, opts.period, now)
     client = JobSubmissionClient(address)
     existing = {job.submission_id: job for job in client.list_jobs() if job.submission_id}
     if job_id in existing and existing[job_id].status.is_terminal() \

@@ -74,7 +74,9 @@ def train(cfg: Any) -> TrainOutcome:
     import mlflow
 
     from cvnet import storage
-    from cvnet.tracking import mlflow_run, register_model, resolve_tracking_uri
+    from cvnet.pyfunc import log_cvnet_model
+    from cvnet.registry import register_model
+    from cvnet.tracking import mlflow_run, resolve_tracking_uri
     from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
 
@@ -92,14 +94,14 @@ def train(cfg: Any) -> TrainOutcome:
             local = os.path.join(tmp, "cvnet_global.pth")
             export_model(net, local, {"step": result.step, "train_name": cfg.name})
             storage.put_atomic(model_uri, Path(local).read_bytes())
-            mlflow.log_artifact(local, artifact_path="model")
+            logged = log_cvnet_model(local, "global")  # an MLflow model with the checkpoint inside
         metrics: dict[str, float] = {}
         if cfg.eval.benchmark:
             metrics = eval_metrics("eval", evaluate_global(net, cfg.eval.benchmark, cfg.eval.scales))
             mlflow.log_metrics(metrics, step=result.step)
         version = None
         if cfg.register_as:
-            version = register_model(cfg.register_as, f"{run.info.artifact_uri}/model", run_id,
+            version = register_model(cfg.register_as, logged.model_uri,
                                      tags={"step": result.step, **metrics})
     log.info("run %s: step %d, model %s, MLflow run %s at %s", cfg.name, result.step,
              storage.redact(model_uri), run_id, storage.redact(tracking_uri))

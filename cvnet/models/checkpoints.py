@@ -135,6 +135,8 @@ def load_model(source: Source, depth: int | None = None, device: str | torch.dev
     The global network is put in channels_last memory format: still fp32, within 1e-7 of
     contiguous, and about 1.4x faster on the CPU (bench/extract.py).
     """
+    from cvnet.registry import resolve_checkpoint  # models:/NAME@ALIAS and models:/NAME/VERSION
+    source = resolve_checkpoint(source)
     name = source_name(source)
     state = load_state(source)
     model = CVNet(depth or infer_depth(state, name))

@@ -1,0 +1,34 @@
+"""``cvnet promote NAME VERSION [--reason R]``: make a registered version the champion.
+
+The champion it replaces becomes ``previous`` (``cvnet rollback NAME`` restores it); the reason
+and time are recorded as tags of both versions. The registry is the tracking server's
+(``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``<store>/mlflow.db``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.cli import entrypoint
+
+HELP = "make a registered model version the champion (the one it replaces becomes 'previous')"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered model, e.g. cvnet-global")
+    parser.add_argument("version", help="model version number")
+    parser.add_argument("--reason", default="promoted by hand", help="recorded on the model versions")
+    parser.add_argument("--store", default=None, help="store root (default CVNET_STORE or ./cvnet-store)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cvnet.registry import connect, promote
+
+    connect(args.store, args.tracking_uri)
+    print(promote(args.name, args.version, args.reason))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint(__name__))
