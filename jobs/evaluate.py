@@ -92,10 +92,11 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cvnet.models.checkpoints import load_model
+    from cvnet.registry import resolve_checkpoint
     from cvnet.storage import file_sha256
 
     net = load_model(args.model).encoder_q
-    sha = file_sha256(args.model) if args.features else None  # features must be this model's
+    sha = file_sha256(resolve_checkpoint(args.model)) if args.features else None  # this model's features
     results = evaluate_global(net, args.benchmark, args.scales, args.features, sha)
     if args.json:
         print(json.dumps(results, sort_keys=True))

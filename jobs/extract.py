@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import init_ray
 
     store = cfg.store or storage.default_store()
+    tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri, cfg.address)  # fails fast on a cluster
     init_ray(cfg.address)
-    with mlflow_run(cfg.experiment, resolve_tracking_uri(store, cfg.tracking_uri),
-                    run_name="extract", params=cfg.model_dump()):
+    with mlflow_run(cfg.experiment, tracking_uri, run_name="extract", params=cfg.model_dump()):
         result = run_extract(cfg)
         mlflow.log_params({f"{name}_version_read": v for name, v in result.versions_read.items()}
                           | {f"{name}_version_written": v for name, v in result.versions_written.items()}

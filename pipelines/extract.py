@@ -26,6 +26,7 @@ from cvnet import features, storage
 from cvnet.config import ExtractConfig
 from cvnet.data.images import ImageDecodeError, crop_query, decode_image
 from cvnet.data.manifest import ImageReadError, read_image_bytes, read_manifest
+from cvnet.registry import parse_models_uri, pin_version, resolve_checkpoint
 from cvnet.retry import retry_transient
 from cvnet.tables import Lease, TableWriter, open_or_create
 from pipelines.committed import SUMMARY_SCHEMA, ShardCommitter, fragment_summary, pending, run_committed
@@ -66,8 +67,11 @@ class ExtractResult:
 
 
 def default_output(store: str, model: str, model_sha256: str) -> str:
-    """``<store>/features/<model file stem>-<first 12 hex of its SHA-256>``."""
-    stem = model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "model"
+    """``<store>/features/<model file stem, or registered name>-<first 12 hex of its SHA-256>``."""
+    if model.startswith("models:/"):
+        stem = parse_models_uri(model)[0]
+    else:
+        stem = model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "model"
     return storage.join(store, "features", f"{stem}-{model_sha256[:12]}")
 
 
@@ -228,7 +232,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     started = time.monotonic()
     manifest = read_manifest(cfg.manifest)
     check_unique_ids(manifest, cfg.manifest)
-    model_sha = storage.file_sha256(cfg.model)
+    cfg = cfg.model_copy(update={"model": pin_version(cfg.model)})  # every actor loads one version
+    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))
     output = cfg.output or default_output(cfg.store or storage.default_store(), cfg.model, model_sha)
     lease = Lease(output, owner=f"extract {storage.redact(cfg.manifest)}", ttl_s=cfg.lease_ttl_s).acquire()
     try:

@@ -42,9 +42,11 @@ def committed(output: str) -> int:
 def main(manifest: str, model: str, output: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     doomed = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    cfg = ExtractConfig(manifest=manifest, model=model, output=output, shard_size=1, part_rows=1,
-                        batch_size=1, max_bad_fraction=1.0)
+    tests = str(Path(__file__).resolve().parent.parent)  # flaky:// reads keep the run going
+    ray.init(address=cluster.address, runtime_env={
+        "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": tests}, "worker_process_setup_hook": "flaky_fs.register"})
+    cfg = ExtractConfig(manifest=manifest, model=model, output=output, shard_size=1, part_rows=1, read_rows=1,
+                        batch_size=1, transient_retries=4, max_bad_fraction=1.0)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
     runner.start()
