@@ -8,13 +8,12 @@ a running top-k merged across gallery tiles. Partial results over gallery blocks
 into exactly the one-pass result.
 
 Order: score descending, equal scores by image id ascending (Python ``str`` order, i.e. by code
-point). Scores are the float32 inner products; with ``precision="fp32"`` (default) they are
-exact fp32 matmul results (TF32 / reduced-precision matmul are switched off for the call). The
-``fp16`` / ``bf16`` modes compute the tiles in half precision (the returned scores are those
-half-precision products); measure their loss with :func:`recall_at_k` against an fp32 search.
-
-Exact ties are those of the computed fp32 scores; two BLAS kernels (CPU vs CUDA, different tile
-shapes) may round one product differently in the last bit, which can swap near-equal neighbours.
+point). A score is the float64 inner product rounded to float32, so that results do not depend on
+the tiling, the sharding, the device or the BLAS (two fp32 GEMM kernels round a product
+differently in the last bit, which swaps near-equal neighbours): the tiles run in ``precision``
+(``fp32`` default: IEEE fp32, TF32 off) and carry ``k + margin`` candidates, and these are
+re-scored in float64 at the end. ``fp16`` / ``bf16`` tiles choose the candidates in half
+precision (an approximate mode: measure it with :func:`recall_at_k` against an fp32 search).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of working memory per search call (tiles, not inputs)
+MARGIN = 8  # candidates carried beyond k in the tile precision, for the exact re-score
 QUERY_TILE = 1024
 MAX_GALLERY_TILE = 8192
 _NONE = np.int64(np.iinfo(np.int64).min)  # sort key of an excluded or missing candidate
@@ -70,15 +70,18 @@ class Tiles(NamedTuple):
 
 def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str = "fp32",
            tiles: Tiles | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-           exclude_self: bool = True, device: str | torch.device | None = None) -> TopK:
+           exclude_self: bool = True, margin: int = MARGIN, device: str | torch.device | None = None) -> TopK:
     """Exact top-``k`` gallery items by inner product for every query.
 
     Excluded: gallery items with the query's landmark (when both sides have landmarks) and, with
     ``exclude_self``, the gallery item with the query's image id. Runs on ``device`` (default:
-    the gallery's device), tiled by ``tiles`` or by :func:`plan_tiles` within ``memory_budget``.
+    the gallery's device), tiled by ``tiles`` or by :func:`plan_tiles` within ``memory_budget``;
+    ``margin`` more candidates than ``k`` are kept per tile and re-scored exactly (module docstring).
     """
     if k < 1:
         raise ValueError(f"k: {k} must be at least 1")
+    if margin < 0:
+        raise ValueError(f"margin: {margin} must not be negative")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     device = torch.device(device) if device is not None else _device_of(gallery.vectors)
@@ -90,12 +93,24 @@ def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str
     for name, ids, vectors in (("queries", exclusions.query_ids, q), ("gallery", exclusions.gallery_ids, g)):
         if len(ids) != len(vectors):
             raise ValueError(f"{name}.ids: {len(ids)} ids for {len(vectors)} vectors")
-    tiles = tiles or plan_tiles(q.shape[0], g.shape[0], q.shape[1], k, memory_budget, precision,
+    tiles = tiles or plan_tiles(q.shape[0], g.shape[0], q.shape[1], k + margin, memory_budget, precision,
                                 exclusions.largest_class)
     ranks = torch.from_numpy(exclusions.gallery_rank).to(device)
+    keys, index = _search_tiles(q, g, k + margin, PRECISIONS[precision], tiles, exclusions, ranks)
+    keys, index = (t.cpu().numpy() for t in _rescore(q, g, keys, index, ranks, k))
+    found = keys != _NONE
+    ids = np.where(found, exclusions.gallery_ids[np.where(found, index, 0)] if len(g) else "", "")
+    return TopK(exclusions.query_ids, ids.astype(str), np.where(found, _decode(keys), -np.inf).astype(np.float32),
+                pairs=q.shape[0] * g.shape[0])
+
+
+def _search_tiles(q: torch.Tensor, g: torch.Tensor, k: int, dtype: torch.dtype, tiles: Tiles,
+                  exclusions: _Exclusions, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort keys and gallery rows (Q, k) of the best k in the tile precision: tile by tile, merged
+    as they come."""
+    device = g.device
     keys = torch.full((q.shape[0], k), int(_NONE), dtype=torch.int64, device=device)
     index = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=device)
-    dtype = PRECISIONS[precision]
     size = min(tiles.queries, q.shape[0]) * min(tiles.gallery, g.shape[0])
     out = torch.empty(size, device=device)  # reused by every tile: no fresh pages to fault in
     low = torch.empty(size, dtype=dtype, device=device) if dtype != torch.float32 else None
@@ -114,11 +129,21 @@ def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str
                 tile_keys, tile_index = _tile_topk(scores, ranks[g0:g1], k)
                 keys[q0:q1], index[q0:q1] = _best(torch.cat([keys[q0:q1], tile_keys], 1),
                                                   torch.cat([index[q0:q1], tile_index + g0], 1), k)
-    keys, index = keys.cpu().numpy(), index.cpu().numpy()
-    found = keys != _NONE
-    ids = np.where(found, exclusions.gallery_ids[np.where(found, index, 0)] if len(g) else "", "")
-    return TopK(exclusions.query_ids, ids.astype(str), np.where(found, _decode(keys), -np.inf).astype(np.float32),
-                pairs=q.shape[0] * g.shape[0])
+    return keys, index
+
+
+def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, ranks: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of the candidates by their float64 inner products rounded to float32."""
+    if g.shape[0] == 0:
+        return keys[:, :k], index[:, :k]
+    rows = index.clamp(min=0)
+    scores = torch.empty(index.shape, device=g.device)
+    step = max(1, (64 << 20) // max(1, index.shape[1] * q.shape[1] * 8))  # 64 MiB of gathered rows
+    for r0, r1 in _spans(q.shape[0], step):
+        scores[r0:r1] = torch.einsum("qd,qcd->qc", q[r0:r1].double(), g[rows[r0:r1]].double()).float()
+    scores.masked_fill_(keys == _NONE, float("-inf"))
+    return _best(_encode(scores, ranks[rows]), index, k)
 
 
 def merge(*parts: TopK, k: int | None = None) -> TopK:
