@@ -139,7 +139,7 @@ def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.
         return keys[:, :k], index[:, :k]
     rows = index.clamp(min=0)
     scores = torch.empty(index.shape, device=g.device)
-    step = max(1, (64 << 20) // max(1, index.shape[1] * q.shape[1] * 8))  # 64 MiB of gathered rows
+    step = max(1, (16 << 20) // max(1, index.shape[1] * q.shape[1] * 8))  # 16 MiB of gathered rows
     for r0, r1 in _spans(q.shape[0], step):
         scores[r0:r1] = torch.einsum("qd,qcd->qc", q[r0:r1].double(), g[rows[r0:r1]].double()).float()
     scores.masked_fill_(keys == _NONE, float("-inf"))
