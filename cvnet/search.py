@@ -17,6 +17,7 @@ precision (an approximate mode: measure it with :func:`recall_at_k` against an f
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -306,7 +307,13 @@ def _as_landmarks(landmarks: Sequence[int | None] | np.ndarray, name: str) -> np
 
 
 def _as_matrix(x: np.ndarray | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)
+    """A float32 tensor on ``device``, sharing the memory of a float32 array (read-only ones too:
+    an object-store array is read, never written)."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D (n, dim) array, got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.float32)
