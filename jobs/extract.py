@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_extract(cfg)
         mlflow.log_params({f"{name}_version_read": v for name, v in result.versions_read.items()}
                           | {f"{name}_version_written": v for name, v in result.versions_written.items()}
-                          | {"output": storage.redact(result.output)})
+                          | {"features_uri": storage.redact(result.output)})
         mlflow.log_metrics({"images_per_s": result.images_per_s, "images": result.images,
                             "bad_inputs": result.bad_inputs, "skipped": result.skipped,
                             "seconds": result.seconds})
