@@ -247,7 +247,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         committer = ShardCommitter(writers, cfg.shard_size, total=todo.num_rows)
         if todo.num_rows:
             run_committed(_pipeline(cfg, todo, output), committer)
-        writers["features"].collect_garbage()
+        for writer in writers.values():
+            writer.collect_garbage()
     finally:
         lease.release()
     result = ExtractResult(
