@@ -120,12 +120,13 @@ def test_lease_of_a_dead_process_is_free_and_a_stale_holder_stops(root, tmp_path
 
 
 def test_lease_expires_unless_renewed(tmp_path):
-    lease = tables.Lease(str(tmp_path), "a", ttl_s=0.6).acquire()
+    lease = tables.Lease(str(tmp_path), "a", ttl_s=5).acquire()
     lease._stop.set()  # stop renewing, as a frozen process would
     lease._renewer.join()
     with pytest.raises(tables.LeaseHeld):
         tables.Lease(str(tmp_path), "b").acquire()
-    taken = tables.Lease(str(tmp_path), "b").acquire(wait_s=5, poll_s=0.1)
+    taken = tables.Lease(str(tmp_path), "b").acquire(wait_s=30, poll_s=0.2)
+    assert taken.info.acquired_at >= lease.info.expires_at  # taken only once the old one expired
     with pytest.raises(tables.LeaseHeld, match="lease lost"):
         lease.check()
     taken.release()
