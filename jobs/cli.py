@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "synth": "jobs.synth",
     "manifest": "jobs.manifest",
     "extract": "jobs.extract",
+    "mine": "jobs.mine",
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
     "promote": "jobs.promote",
