@@ -170,6 +170,7 @@ def _version(uri: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path):
     uri = features_at(tmp_path, data, N + N_NEW)
     out = str(tmp_path / "out")
@@ -193,6 +194,7 @@ def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path)
     assert_same(mined(out), by_id(expected(data, N + N_NEW)))
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun_resumes(ray_local, data, tmp_path):
     import mlflow
     from mlflow import MlflowClient
@@ -217,7 +219,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, data, tmp_path):
     before_tracking = os.environ.get("MLFLOW_TRACKING_URI")
     from jobs.cli import build_parser
 
-    parsed = build_parser().parse_args(["mine", *args])
+    parsed = build_parser().parse_args(["mine", *args, "query_rows=64", "shard_size=128"])  # same output
     try:
         assert parsed._run(parsed) == 0
     finally:
