@@ -243,3 +243,20 @@ class MineConfig(Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
     experiment: str = Field("mine", description="MLflow experiment")
+
+
+# ---- audit-overlap ---------------------------------------------------------------------------
+
+class AuditOverlapConfig(Section):
+    """``cvnet audit-overlap``: benchmark images with near-copies among the training images."""
+
+    train: str = Field(..., description="training extraction output URI (holds features.lance)")
+    benchmark: str = Field(..., description="benchmark extraction output URI (queries and database)")
+    threshold: float = Field(0.9, description="flag training images scoring at least this (cosine)")
+    k: int = Field(5, ge=1, description="training matches listed per benchmark image at most")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    output: str | None = Field(None, description="audit output URI (None: <store>/audits/<train>-v<version>-vs-<benchmark>)")
+    block_rows: int = Field(262144, ge=1, description="training rows searched at a time")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("audit-overlap", description="MLflow experiment")

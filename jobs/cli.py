@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "manifest": "jobs.manifest",
     "extract": "jobs.extract",
     "mine": "jobs.mine",
+    "audit-overlap": "jobs.audit_overlap",
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
     "promote": "jobs.promote",
