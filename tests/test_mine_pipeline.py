@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from cvnet.tables import Table, TableWriter
 from mine_data import clustered, write_features
 from pipelines.mine import put_gallery, run_mine
 from ray_procs import actor_pids, raylet_pid
+from test_extract_pipeline import _versions, _wait_for
 from test_search import assert_same, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,21 +155,6 @@ def _actor_pids(ray) -> list[int]:
     return actor_pids(raylet_pid(ray._private.worker._global_node), b"MineActor")
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
-def _version(uri: str) -> int:
-    try:
-        return Table.open(uri).version
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.mark.slow
 def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path):
     uri = features_at(tmp_path, data, N + N_NEW)
@@ -179,7 +164,7 @@ def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path)
     runner = threading.Thread(target=lambda: outcome.update(result=run_mine(cfg)))
     runner.start()
     try:
-        _wait_for(lambda: _version(os.path.join(out, mining.TABLE)) >= 3, 120, "nothing committed")
+        _wait_for(lambda: _versions(os.path.join(out, mining.TABLE)) >= 3, 120, "nothing committed")
         killed = _actor_pids(ray_local)
         assert killed and runner.is_alive(), "the kill must happen while the job runs"
         for pid in killed:
@@ -209,7 +194,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, data, tmp_path):
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     table_uri = os.path.join(out, mining.TABLE)
     try:
-        _wait_for(lambda: _version(table_uri) >= 3, 180, "nothing committed")
+        _wait_for(lambda: _versions(table_uri) >= 3, 180, "nothing committed")
         assert driver.poll() is None, "the driver must be killed mid-run"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
