@@ -89,6 +89,22 @@ def test_fp16_tiles_recall(ray_local, data, tmp_path):
     assert recall >= 0.95
 
 
+def test_landmarks_from_a_manifest(ray_local, data, tmp_path):
+    import pyarrow as pa
+
+    from cvnet.data.manifest import write_manifest
+
+    ids, X, lm = data
+    uri = features_at(tmp_path, data, N)
+    relabelled = np.where(np.arange(N) % 3 == 0, 500, lm[:N])  # the manifest's landmarks, not the table's
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(pa.table({"image_id": list(ids[:N]), "uri": [f"{uri}/img/{i}.jpg" for i in ids[:N]],
+                             "landmark_id": pa.array([None if v < 0 else int(v) for v in relabelled], pa.int64()),
+                             "split": ["train"] * N}), manifest)
+    result = run_mine(config(uri, str(tmp_path / "out"), manifest=manifest))
+    assert_same(mined(result.output), by_id(expected((ids, X, relabelled), N)))
+
+
 def test_incremental_equals_full_with_fewer_pairs(ray_local, data, tmp_path):
     ids, X, lm = data
     uri = features_at(tmp_path, data, N)
@@ -215,3 +231,14 @@ def test_driver_killed_then_rerun_resumes(ray_local, data, tmp_path):
     run = next(r for r in runs if r.info.status == "FINISHED")
     assert run.data.metrics["rows"] == N + N_NEW - before and run.data.metrics["pairs_per_s"] > 0
     assert int(run.data.params["features_version_read"]) == features.open_features(uri).version
+
+
+@pytest.mark.gpu
+def test_gpu_actors_equal_brute_force(ray_local, data, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or not ray_local.cluster_resources().get("GPU"):
+        pytest.skip("needs a CUDA device visible to Ray")
+    uri = features_at(tmp_path, data, N + N_NEW)
+    result = run_mine(config(uri, str(tmp_path / "out"), actor_gpus=0.5, gallery_block_rows=128))
+    assert_same(mined(result.output), by_id(expected(data, N + N_NEW)))  # the same ids and order on CUDA
