@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 
@@ -31,3 +34,35 @@ def actor_pids(raylet: int, name: bytes) -> list[int]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 50 ms; ``TimeoutError(what)`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def table_version(uri: str) -> int:
+    """The committed version of the table at ``uri`` (0 when none yet)."""
+    from cvnet.tables import Table
+
+    try:
+        return Table.open(uri).version
+    except FileNotFoundError:
+        return 0
+
+
+def kill_actors_mid_run(ray, name: bytes, runner: threading.Thread) -> set[int]:
+    """SIGKILL every actor process called ``name`` of the local Ray while ``runner`` (the job's
+    thread) is alive; returns the pids of the actors that replaced them (empty if none came
+    before the job ended)."""
+    raylet = raylet_pid(ray._private.worker._global_node)
+    killed = actor_pids(raylet, name)
+    assert killed and runner.is_alive(), "the kill must happen while the job runs"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: set(actor_pids(raylet, name)) - set(killed) or not runner.is_alive(), 120, "no restart")
+    return set(actor_pids(raylet, name)) - set(killed)

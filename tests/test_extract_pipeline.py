@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -24,7 +23,7 @@ from cvnet.models.rerank import RerankFeatures
 from cvnet.models.synthetic_weights import synthetic_state_dict
 from cvnet.tables import LeaseHeld, SettingsMismatch, Table
 from flaky_fs import injected_failures
-from ray_procs import actor_pids, raylet_pid
+from ray_procs import kill_actors_mid_run, table_version, wait_for
 from pipelines.extract import ExtractError, TooManyBadInputs, run_extract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,25 +251,6 @@ def test_retry_bad_inputs_reprocesses_them(ray_local, dataset, tmp_path):
                   bad={k: v for k, v in BAD.items() if k != "corrupt"})
 
 
-def _actor_pids(ray) -> list[int]:
-    return actor_pids(raylet_pid(ray._private.worker._global_node), b"ExtractActor")
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
-def _versions(uri: str) -> int:
-    try:
-        return Table.open(uri).version
-    except FileNotFoundError:
-        return 0
-
-
 def _rows(uri: str) -> int:
     try:
         return Table.open(uri).num_rows()
@@ -297,14 +277,8 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, dataset, t
     runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
     runner.start()
     try:
-        _wait_for(lambda: _versions(str(output / features.FEATURES)) >= 2, 120, "nothing committed")
-        killed = _actor_pids(ray_local)
-        assert killed and runner.is_alive(), "the kill must happen while the job runs"
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        # the actor really restarted: a new ExtractActor process serves the rest
-        _wait_for(lambda: set(_actor_pids(ray_local)) - set(killed) or not runner.is_alive(), 120, "no restart")
-        restarted = set(_actor_pids(ray_local)) - set(killed)
+        wait_for(lambda: table_version(str(output / features.FEATURES)) >= 2, 120, "nothing committed")
+        restarted = kill_actors_mid_run(ray_local, b"ExtractActor", runner)  # a new actor serves the rest
     finally:
         runner.join(timeout=240)
     assert "result" in outcome and restarted
@@ -332,7 +306,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     features_uri = str(output / features.FEATURES)
     try:
-        _wait_for(lambda: _versions(features_uri) >= 2, 180, "nothing committed")
+        wait_for(lambda: table_version(features_uri) >= 2, 180, "nothing committed")
         assert driver.poll() is None, "the driver must be killed mid-run"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -371,7 +345,7 @@ def _two_runs_at_once(dataset, output: str, tmp_path: Path, **kw) -> None:
     runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
     runner.start()
     try:
-        _wait_for(lambda: _versions(storage.join(output, features.FEATURES)) >= 2, 180, "nothing committed")
+        wait_for(lambda: table_version(storage.join(output, features.FEATURES)) >= 2, 180, "nothing committed")
         assert runner.is_alive()
         with pytest.raises(LeaseHeld, match=r"is held by extract .* \(host .*, pid \d+\) since"):
             run_extract(cfg)

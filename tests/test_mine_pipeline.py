@@ -18,8 +18,7 @@ from cvnet.search import Descriptors, TopK, recall_at_k
 from cvnet.tables import Table, TableWriter
 from mine_data import clustered, write_features
 from pipelines.mine import put_gallery, run_mine
-from ray_procs import actor_pids, raylet_pid
-from test_extract_pipeline import _versions, _wait_for
+from ray_procs import kill_actors_mid_run, table_version, wait_for
 from test_search import assert_same, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,10 +166,6 @@ def test_gallery_blocks_are_read_only_shared_views(ray_local, data, tmp_path):
     assert not any(writeable or owndata for writeable, owndata, _ in seen)  # views of the object store
 
 
-def _actor_pids(ray) -> list[int]:
-    return actor_pids(raylet_pid(ray._private.worker._global_node), b"MineActor")
-
-
 @pytest.mark.slow
 def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path):
     uri = features_at(tmp_path, data, N + N_NEW)
@@ -180,13 +175,8 @@ def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path)
     runner = threading.Thread(target=lambda: outcome.update(result=run_mine(cfg)))
     runner.start()
     try:
-        _wait_for(lambda: _versions(os.path.join(out, mining.TABLE)) >= 3, 120, "nothing committed")
-        killed = _actor_pids(ray_local)
-        assert killed and runner.is_alive(), "the kill must happen while the job runs"
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: set(_actor_pids(ray_local)) - set(killed) or not runner.is_alive(), 120, "no restart")
-        restarted = set(_actor_pids(ray_local)) - set(killed)
+        wait_for(lambda: table_version(os.path.join(out, mining.TABLE)) >= 3, 120, "nothing committed")
+        restarted = kill_actors_mid_run(ray_local, b"MineActor", runner)
     finally:
         runner.join(timeout=300)
     assert "result" in outcome and restarted
@@ -210,7 +200,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, data, tmp_path):
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     table_uri = os.path.join(out, mining.TABLE)
     try:
-        _wait_for(lambda: _versions(table_uri) >= 3, 180, "nothing committed")
+        wait_for(lambda: table_version(table_uri) >= 3, 180, "nothing committed")
         assert driver.poll() is None, "the driver must be killed mid-run"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
