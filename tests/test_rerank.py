@@ -228,7 +228,13 @@ def test_group_norm4d_matches_nn_group_norm(channels_innermost):
         ours.weight.uniform_(0.5, 1.0)
         ours.bias.uniform_(-0.1, 0.1)
         reference.load_state_dict(ours.state_dict())
-        np.testing.assert_allclose(ours(x).numpy(), reference(x).numpy(), atol=1e-5)
+        want = reference(x).numpy()
+        np.testing.assert_allclose(ours(x).numpy(), want, atol=1e-5)
+        ours.inplace = True
+        got = ours(x)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+        # in place exactly when the input is channels-innermost contiguous
+        assert (got.data_ptr() == x.data_ptr()) == channels_innermost
 
 
 def test_rerank_features_round_trip_bytes_exactly(features):

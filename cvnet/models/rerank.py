@@ -45,7 +45,7 @@ def make_conv2ds() -> nn.ModuleList:
 def _building_block(in_channels: int, out_channels: Sequence[int], kernel: int, strides: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for out_ch, stride in zip(out_channels, strides):
-        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch), nn.ReLU(inplace=True)]
+        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch, inplace=True), nn.ReLU(inplace=True)]
         in_channels = out_ch
     return nn.Sequential(*layers)
 
