@@ -169,10 +169,13 @@ class GroupNorm4d(nn.GroupNorm):
 
         # exact two-pass statistics per channel (mean, then the squares of the centered values
         # as the diagonal of one small matmul), combined into group statistics
-        mean_c = rows.view(b, -1, c).mean(1)
-        centered = rows.sub_(tiled(mean_c)) if in_place else rows - tiled(mean_c)
+        mean_c = rows.view(b, -1, c).mean(1, dtype=torch.float32)
+        centered = rows.sub_(tiled(mean_c)) if in_place else rows - tiled(mean_c).to(rows.dtype)
         by_channel = centered.view(b, -1, c)
-        var_c = torch.diagonal(torch.bmm(by_channel.transpose(1, 2), by_channel), dim1=1, dim2=2) / by_channel.shape[1]
+        with torch.autocast(x.device.type, enabled=False):  # fp32 statistics in bf16 mode too
+            by_channel32 = by_channel.float()
+            var_c = torch.diagonal(torch.bmm(by_channel32.transpose(1, 2), by_channel32), dim1=1, dim2=2)
+        var_c = var_c / by_channel.shape[1]
         mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)

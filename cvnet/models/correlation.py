@@ -141,6 +141,8 @@ def _pivot_side(full_levels: Sequence[torch.Tensor], strided_levels: Sequence[to
     strided = _strided_upsampled(strided_levels, tuple(strided_levels[-1].shape[-2:]), stride)
     bs, s, _, h_s, w_s = strided.shape
     rows = strided.permute(0, 2, 3, 4, 1).reshape(bs, c, -1)  # (Bs, C, h' * w' * S)
+    if bs == 1:
+        rows = rows[0]  # one strided image: each level's matmul is a single mm over all its images
     blocks = []
     for level in full_levels:
         positions = level.reshape(level.shape[0], c, -1).transpose(1, 2)  # (Bf, h_s * w_s, C)

@@ -91,7 +91,9 @@ class CVLearner(nn.Module):
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block4(self.block3(self.block2(x)))
-        return self.mlp(x.mean(dim=tuple(range(2, x.dim()))))
+        pooled = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # the small head stays fp32 in bf16 mode
+            return self.mlp(pooled)
 
 
 def _probability(logits: torch.Tensor) -> torch.Tensor:
