@@ -100,10 +100,8 @@ def _conv3d_view(x: torch.Tensor, groups: tuple[tuple[int, ...], ...], copy: boo
     moved = x.permute(perm)
     if copy:
         return moved.reshape(shape).permute(0, 4, 1, 2, 3)
-    try:
-        return moved.view(shape).permute(0, 4, 1, 2, 3)
-    except RuntimeError:
-        return None
+    # a view that is not dense channels-last would make the conv copy anyway
+    return moved.view(shape).permute(0, 4, 1, 2, 3) if moved.is_contiguous() else None
 
 
 def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Tensor:
