@@ -14,42 +14,24 @@ import torch
 from torch import nn
 
 import cvnet
-from cvnet.models.checkpoints import submodule_state
 from cvnet.models.conv4d import CenterPivotConv4d, subsample_key, subsample_query
 from cvnet.models.global_net import multiscale_descriptors
 from cvnet.models.rerank import (
     CVLearner,
     compute_rerank_features,
-    make_conv2ds,
     match_probability,
     match_probability_reference,
 )
 from cvnet.models.resnet import fold_batchnorm
 from cvnet.models.synthetic_weights import synthetic_state_dict
+from test_rerank import model, one_thread  # noqa: F401  (shared fixtures: the rerank weights, one thread)
 
 SCORE_TOL = 1e-5
 DESC_TOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def rerank_model():
-    state = synthetic_state_dict("r50", seed=0)
-    conv2ds, learner = make_conv2ds(), CVLearner()
-    conv2ds.load_state_dict(submodule_state(state, "conv2ds."))
-    learner.load_state_dict(submodule_state(state, "cv_learner."))
-    return conv2ds.eval(), learner.eval()
-
-
-@pytest.fixture(scope="module")
-def model():
+def cvnet_model():
     return cvnet.load_model(synthetic_state_dict("r50", seed=0))
 
 
@@ -83,8 +65,8 @@ def test_center_pivot_conv3d_matches_reference_on_every_layout(kernel, stride):
 
 
 @pytest.mark.parametrize("query_size,key_size", [((17, 13), (11, 15)), ((9, 12), (9, 12))])
-def test_fast_match_probability_equals_reference_structure(rerank_model, query_size, key_size):
-    conv2ds, learner = rerank_model
+def test_fast_match_probability_equals_reference_structure(model, query_size, key_size):
+    conv2ds, learner = model
     gen = torch.Generator().manual_seed(1)
     query_map = torch.randn(1024, *query_size, generator=gen)
     key_maps = [torch.randn(1024, *key_size, generator=gen) for _ in range(2)]
@@ -94,8 +76,8 @@ def test_fast_match_probability_equals_reference_structure(rerank_model, query_s
     np.testing.assert_allclose(got, want, rtol=0, atol=SCORE_TOL)
 
 
-def test_bf16_rerank_within_its_bound(rerank_model):
-    conv2ds, learner = rerank_model
+def test_bf16_rerank_within_its_bound(model):
+    conv2ds, learner = model
     gen = torch.Generator().manual_seed(2)
     maps = [torch.randn(1024, 24, 32, generator=gen) for _ in range(3)]  # the error shrinks with map size
     feats = [compute_rerank_features(m, conv2ds) for m in maps]
@@ -105,8 +87,8 @@ def test_bf16_rerank_within_its_bound(rerank_model):
     assert np.abs(bf16 - fp32).max() <= 2e-3
 
 
-def test_fold_batchnorm_is_exact_and_leaves_the_network_alone(model):
-    net = model.encoder_q
+def test_fold_batchnorm_is_exact_and_leaves_the_network_alone(cvnet_model):
+    net = cvnet_model.encoder_q
     folded = fold_batchnorm(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 53  # R50: stem + 16 blocks x 3 + 4 proj
@@ -117,7 +99,8 @@ def test_fold_batchnorm_is_exact_and_leaves_the_network_alone(model):
         np.testing.assert_allclose(folded.stage3(x).numpy(), net.stage3(x).numpy(), atol=1e-5)
 
 
-def test_folded_copy_follows_weight_changes_and_training_is_unfolded(model):
+def test_folded_copy_follows_weight_changes_and_training_is_unfolded(cvnet_model):
+    model = cvnet_model
     image = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     first = model.global_descriptor([image], scales=(1.0,))
     folded = model.inference_encoder()
@@ -146,7 +129,8 @@ def test_folded_copy_follows_weight_changes_and_training_is_unfolded(model):
         model.eval()
 
 
-def test_bf16_descriptors_within_their_bound(model):
+def test_bf16_descriptors_within_their_bound(cvnet_model):
+    model = cvnet_model
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
     fp32 = model.global_descriptor(images)
@@ -157,10 +141,10 @@ def test_bf16_descriptors_within_their_bound(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fast_paths_match_reference_with_tf32_off(rerank_model):
+def test_cuda_fast_paths_match_reference_with_tf32_off(model):
     """fp32 on CUDA with TF32 allowed globally: the fp32 mode must still turn it off in the
     correlation matmuls and the convs; bf16 stays within its bound."""
-    conv2ds, learner = rerank_model
+    conv2ds, learner = model
     gen = torch.Generator().manual_seed(3)
     query_map = torch.randn(1024, 17, 13, generator=gen)
     key_map = torch.randn(1024, 11, 15, generator=gen)
