@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import re
 import time
 from collections.abc import Callable
@@ -25,11 +26,18 @@ class Measurement:
     cpu: float  # best process CPU seconds (all threads)
     peak_mib: float  # peak RSS during the calls
     growth_mib: float  # peak RSS minus the RSS before the calls
+    gpu_peak_mib: float | None = None  # torch.cuda.max_memory_allocated during the calls (cuda=True)
 
 
-def measure(fn: Callable[[], Any], repeats: int, trim_heap: bool = False) -> Measurement:
+def measure(fn: Callable[[], Any], repeats: int, trim_heap: bool = False, cuda: bool = False) -> Measurement:
     """Run ``fn`` ``repeats`` times; the peak RSS counter is reset first (``trim_heap`` also
-    hands freed heap back to the kernel, so each mode's peak is its own)."""
+    hands freed heap back to the kernel, so each mode's peak is its own). With ``cuda`` the
+    device is synchronised around each call and its peak allocation recorded too."""
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     gc.collect()
     if trim_heap:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -40,7 +48,16 @@ def measure(fn: Callable[[], Any], repeats: int, trim_heap: bool = False) -> Mea
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
+        if cuda:
+            torch.cuda.synchronize()
         wall = min(wall, time.perf_counter() - start)
         cpu = min(cpu, time.process_time() - start_cpu)
     peak = rss_kib("VmHWM")
-    return Measurement(result, wall, cpu, peak / 1024, (peak - base) / 1024)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return Measurement(result, wall, cpu, peak / 1024, (peak - base) / 1024, gpu_peak)
+
+
+def machine_load() -> str:
+    """``os.getloadavg()`` and the core count, for the header of a benchmark table."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cores"

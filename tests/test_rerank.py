@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cvnet.models.checkpoints import submodule_state
 from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
-from cvnet.models.correlation import correlation_4d, correlation_slices, pyramid_sizes, resize_bilinear, resize_maps
+from cvnet.models.correlation import correlation_4d, correlation_slices, pyramid_sizes, resize_bilinear, resize_leading
 from cvnet.models.rerank import (
     CVLearner,
     RerankFeatures,
@@ -101,12 +101,13 @@ def test_reference_score_matches_golden(golden, maps, model, q, k):
 
 
 @pytest.mark.parametrize("src,dst", [((24, 32), (48, 64)), ((34, 45), (48, 64)), ((1, 5), (3, 1)), ((6, 6), (6, 6))])
-def test_resize_maps_equals_bilinear_align_corners(src, dst):
-    maps = torch.randn(7, *src, generator=torch.Generator().manual_seed(0))
-    want = F.interpolate(maps[:, None], size=dst, mode="bilinear", align_corners=True)[:, 0]
+def test_resize_leading_equals_bilinear_align_corners(src, dst):
+    maps = torch.randn(2, 7, *src, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(maps, size=dst, mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
     # F.interpolate rounds its weights in float32, the matrices are built in float64
-    np.testing.assert_allclose(resize_maps(maps, dst).numpy(), want.numpy(), atol=1e-5 * float(maps.abs().max()))
-    np.testing.assert_allclose(resize_bilinear(maps[:, None], dst)[:, 0].numpy(), want.numpy(), atol=0)
+    got = resize_leading(maps.permute(0, 2, 3, 1), dst)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5 * float(maps.abs().max()))
+    np.testing.assert_allclose(resize_bilinear(maps, dst).permute(0, 2, 3, 1).numpy(), want.numpy(), atol=0)
 
 
 def test_fast_slices_equal_slices_of_reference_correlation(golden, features):
@@ -227,7 +228,13 @@ def test_group_norm4d_matches_nn_group_norm(channels_innermost):
         ours.weight.uniform_(0.5, 1.0)
         ours.bias.uniform_(-0.1, 0.1)
         reference.load_state_dict(ours.state_dict())
-        np.testing.assert_allclose(ours(x).numpy(), reference(x).numpy(), atol=1e-5)
+        want = reference(x).numpy()
+        np.testing.assert_allclose(ours(x).numpy(), want, atol=1e-5)
+        ours.inplace = True
+        got = ours(x)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+        # in place exactly when the input is channels-innermost contiguous
+        assert (got.data_ptr() == x.data_ptr()) == channels_innermost
 
 
 def test_rerank_features_round_trip_bytes_exactly(features):

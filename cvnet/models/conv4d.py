@@ -8,7 +8,10 @@ never build the full 4D tensor.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -56,61 +59,128 @@ class CenterPivotConv4d(nn.Module):
         """Convolve from the two strided slices of the input.
 
         ``key_sub``: (B, C, hq, wq, hk', wk'), the input at strided key positions (for conv1);
-        ``query_sub``: (B, C, hq', wq', hk, wk), at strided query positions (for conv2). Any
-        memory layout works; the result (B, O, hq', wq', hk', wk') has channels innermost in
-        memory, which makes the next layer's conv inputs channels-last views.
+        ``query_sub``: (B, C, hq', wq', hk, wk), at strided query positions (for conv2). Each
+        conv runs as one channels-last ``conv3d`` (kernel k x k x 1 or 1 x k x k) on a view of
+        its input when the memory allows one (channels innermost, the convolved dims and the
+        other two each contiguous), so no layout conversion is made between the two pivot
+        directions. The result (B, O, hq', wq', hk', wk') has memory (B, hq', wq', hk', wk', O).
         """
-        b, _, _, _, hk_s, wk_s = key_sub.shape
-        hq_s, wq_s = query_sub.shape[2:4]
-        y1 = self.conv1(_conv_batch(key_sub.permute(0, 4, 5, 1, 2, 3)))
-        y2 = self.conv2(_conv_batch(query_sub.permute(0, 2, 3, 1, 4, 5)))
-        y1 = y1.unflatten(0, (b, hk_s, wk_s)).permute(0, 4, 5, 1, 2, 3)  # (B, hq', wq', hk', wk', O)
-        y2 = y2.unflatten(0, (b, hq_s, wq_s)).permute(0, 1, 2, 4, 5, 3)
+        y1 = _pivot_conv(self.conv1, key_sub, query_dims=True)
+        y2 = _pivot_conv(self.conv2, query_sub, query_dims=False)
         if y1.shape != y2.shape:
             raise ValueError(
                 f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {tuple(y2.shape)}"
             )
-        out = torch.empty(y1.shape, dtype=y1.dtype, device=y1.device)  # channels innermost
-        return out.copy_(y2).add_(y1).permute(0, 5, 1, 2, 3, 4)  # (autograd records no out= ops)
+        if _is_natural(y1):
+            return y1.add_(y2)  # conv outputs are not saved for backward: in-place is safe
+        if _is_natural(y2):
+            return y2.add_(y1)
+        return _natural_empty(y1).copy_(y1).add_(y2)
 
 
-def _conv_batch(x: torch.Tensor) -> torch.Tensor:
-    """(B, p, q, C, h, w) -> a (B*p*q, C, h, w) conv batch without a copy when it is NCHW already,
-    else copied to channels-last memory (the layout oneDNN convs run fastest)."""
-    b, p, q, c, h, w = x.shape
-    if x.is_contiguous():
-        return x.reshape(b * p * q, c, h, w)
-    return x.permute(0, 1, 2, 4, 5, 3).reshape(b * p * q, h, w, c).permute(0, 3, 1, 2)
+# dims of a (B, C, hq, wq, hk, wk) tensor: the query pair and the key pair
+_QUERY, _KEY = (2, 3), (4, 5)
+
+
+def _is_natural(x: torch.Tensor) -> bool:
+    """True when (B, C, hq, wq, hk, wk) ``x`` has memory (B, hq, wq, hk, wk, C)."""
+    return x.permute(0, 2, 3, 4, 5, 1).is_contiguous()
+
+
+def _natural_empty(x: torch.Tensor) -> torch.Tensor:
+    b, c, *spatial = x.shape
+    return torch.empty(b, *spatial, c, dtype=x.dtype, device=x.device).movedim(-1, 1)
+
+
+def _conv3d_view(x: torch.Tensor, groups: tuple[tuple[int, ...], ...], copy: bool) -> torch.Tensor | None:
+    """``x`` (B, C, 4 dims) as a channels-last (B, C, D, H, W) whose D, H, W merge the dim
+    ``groups``; a view, or None when none exists (a channels-last copy when ``copy``)."""
+    perm = (0, *(d for group in groups for d in group), 1)
+    shape = (x.shape[0], *(math.prod(x.shape[d] for d in group) for group in groups), x.shape[1])
+    moved = x.permute(perm)
+    if copy:
+        return moved.reshape(shape).permute(0, 4, 1, 2, 3)
+    # a view that is not dense channels-last would make the conv copy anyway
+    return moved.view(shape).permute(0, 4, 1, 2, 3) if moved.is_contiguous() else None
+
+
+def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Tensor:
+    """``conv`` over the query dims (``query_dims``) or the key dims of (B, C, hq, wq, hk, wk)
+    ``x`` at every position of the other two, as one channels-last ``conv3d``.
+
+    The two convolved dims become D, H and the other two are merged into W (kernel k x k x 1),
+    or the other two are merged into D (kernel 1 x k x k): whichever is a view of ``x``'s
+    memory; else ``x`` is copied to the layout that keeps (hq, wq, hk, wk) in that order.
+    """
+    conv_dims, other = (_QUERY, _KEY) if query_dims else (_KEY, _QUERY)
+    layouts = [((conv_dims[0],), (conv_dims[1],), other), (other, (conv_dims[0],), (conv_dims[1],))]
+    if not query_dims:
+        layouts.reverse()  # the natural-order layout first: it is the copy when no view exists
+    for groups in layouts:
+        view = _conv3d_view(x, groups, copy=False)
+        if view is not None:
+            break
+    else:
+        groups = layouts[0]
+        view = _conv3d_view(x, groups, copy=True)
+    merged_first = len(groups[0]) == 2
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    weight = conv.weight.unsqueeze(2 if merged_first else 4)
+    stride, padding = ((1, s, s), (0, p, p)) if merged_first else ((s, s, 1), (p, p, 0))
+    y = F.conv3d(view, weight, conv.bias, stride, padding)
+    b, o = y.shape[:2]
+    out_dims = y.shape[2:]
+    if merged_first:
+        y = y.view(b, o, x.shape[other[0]], x.shape[other[1]], *out_dims[1:])
+    else:
+        y = y.view(b, o, *out_dims[:2], x.shape[other[0]], x.shape[other[1]])
+    # y's dims follow ``groups``; put them back in (hq, wq, hk, wk) order
+    order = [d for group in groups for d in group]
+    return y.permute(0, 1, *(2 + order.index(d) for d in (2, 3, 4, 5)))
 
 
 class GroupNorm4d(nn.GroupNorm):
     """``nn.GroupNorm`` for (B, C, *spatial) tensors in any memory layout; keeps channels innermost.
 
     Same parameters and state-dict names as ``nn.GroupNorm``; avoids the contiguous copy that
-    ``nn.GroupNorm`` makes of channel-innermost 4D correlation tensors.
+    ``nn.GroupNorm`` makes of channel-innermost 4D correlation tensors. With ``inplace=True``
+    (as ``nn.ReLU``'s) and no autograd it overwrites its input when that is channels-innermost
+    contiguous (a conv output nothing else reads): two fewer passes and no new 4D tensors.
     """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, inplace: bool = False) -> None:
+        super().__init__(num_groups, num_channels, eps)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         groups = self.num_groups
+        in_place = self.inplace and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         channels_last = x.movedim(1, -1)
         # elementwise passes run on rows tiled over the innermost spatial dim (long rows)
         tile = channels_last.shape[-2]
         rows = channels_last.reshape(b, -1, tile * c)
+        in_place = in_place and rows.data_ptr() == x.data_ptr() and channels_last.is_contiguous()
 
         def tiled(per_channel: torch.Tensor) -> torch.Tensor:
             return per_channel.reshape(b, 1, c).repeat(1, 1, tile)
 
         # exact two-pass statistics per channel (mean, then the squares of the centered values
         # as the diagonal of one small matmul), combined into group statistics
-        mean_c = rows.view(b, -1, c).mean(1)
-        centered = rows - tiled(mean_c)
+        mean_c = rows.view(b, -1, c).mean(1, dtype=torch.float32)
+        centered = rows.sub_(tiled(mean_c)) if in_place else rows - tiled(mean_c).to(rows.dtype)
         by_channel = centered.view(b, -1, c)
-        var_c = torch.diagonal(torch.bmm(by_channel.transpose(1, 2), by_channel), dim1=1, dim2=2) / by_channel.shape[1]
+        with torch.autocast(x.device.type, enabled=False):  # fp32 statistics in bf16 mode too
+            by_channel32 = by_channel.float()
+            var_c = torch.diagonal(torch.bmm(by_channel32.transpose(1, 2), by_channel32), dim1=1, dim2=2)
+        var_c = var_c / by_channel.shape[1]
         mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)
         scale = torch.rsqrt(var_g + self.eps) * self.weight.view(groups, -1)
         shift = self.bias.view(groups, -1) + (mean_c - mean_g) * scale
-        out = torch.addcmul(tiled(shift), centered, tiled(scale))
+        if in_place:
+            out = torch.addcmul(tiled(shift), centered, tiled(scale), out=centered)
+        else:
+            out = torch.addcmul(tiled(shift), centered, tiled(scale))
         return out.view(channels_last.shape).movedim(-1, 1)

@@ -115,22 +115,43 @@ def interpolation_matrix(n_out: int, n_in: int) -> torch.Tensor:
     return matrix
 
 
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`resize_bilinear` of many single-channel maps (N, h, w) as two small matmuls, which
-    is several times faster than ``F.interpolate`` for thousands of maps."""
-    h, w = maps.shape[-2:]
+def resize_leading(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_bilinear` over dims 1, 2 of (N, h, w, M) as two matmuls (M maps at once,
+    each output written once and contiguous; several times faster than ``F.interpolate``)."""
+    n, h, w, m = x.shape
     if (h, w) == tuple(size):
-        return maps
-    like = {"dtype": maps.dtype, "device": maps.device}
+        return x
+    like = {"dtype": x.dtype, "device": x.device}
     rows = interpolation_matrix(size[0], h).to(**like)
     cols = interpolation_matrix(size[1], w).to(**like)
-    return torch.matmul(rows, maps @ cols.T)
+    x = torch.matmul(rows, x.reshape(n, h, w * m))  # (N, H, w * M)
+    return torch.matmul(cols, x.view(n * size[0], w, m)).view(n, *size, m)
 
 
-def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul of ``t`` produces here (autocast's when it is on)."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+def _pivot_side(full_levels: Sequence[torch.Tensor], strided_levels: Sequence[torch.Tensor], stride: int,
+                full_is_query: bool) -> torch.Tensor:
+    """The clamped correlation at every position of the full side and the strided positions of
+    the other, memory (B, h, w, h', w', 9) with channel ``3 * query_level + key_level``.
+
+    Each full-side level is one matmul against the strided side (upsampled, rows (h', w', S)),
+    then resized to full size along its leading dims; the S results stack into channels.
+    """
+    c = full_levels[0].shape[1]
+    full_size = tuple(full_levels[-1].shape[-2:])
+    strided = _strided_upsampled(strided_levels, tuple(strided_levels[-1].shape[-2:]), stride)
+    bs, s, _, h_s, w_s = strided.shape
+    rows = strided.permute(0, 2, 3, 4, 1).reshape(bs, c, -1)  # (Bs, C, h' * w' * S)
+    if bs == 1:
+        rows = rows[0]  # one strided image: each level's matmul is a single mm over all its images
+    blocks = []
+    for level in full_levels:
+        positions = level.reshape(level.shape[0], c, -1).transpose(1, 2)  # (Bf, h_s * w_s, C)
+        corr = torch.matmul(positions, rows)
+        corr = corr.view(corr.shape[0], *level.shape[-2:], -1)
+        blocks.append(resize_leading(corr, full_size).view(-1, *full_size, h_s, w_s, s))
+    # full side's level is the channel's major index on the query side, its minor one on the key side
+    stacked = torch.stack(blocks, dim=-2 if full_is_query else -1)
+    return stacked.view(*stacked.shape[:5], s * s).clamp_(min=0)
 
 
 def correlation_slices(
@@ -145,31 +166,10 @@ def correlation_slices(
 
     Interpolation commutes with the dot product, so each (i, j) block is one matmul of the
     strided side, upsampled, against the other side at its native size, then resized to full
-    size (fewer flops than upsampling both). The results are written straight into the NCHW
-    batches the convs read: memory (B, hk', wk', 9, hq, wq) and (B, hq', wq', 9, hk, wk).
+    size (fewer flops than upsampling both). Memory: (B, hq, wq, hk', wk', 9) and
+    (B, hk, wk, hq', wq', 9), channels innermost and the convolved dims outermost, which
+    :meth:`CenterPivotConv4d.forward_slices` convolves without a layout copy.
     """
-    b, c = key_levels[0].shape[:2]
-    s = len(query_levels)
-    q_size, k_size = tuple(query_levels[-1].shape[-2:]), tuple(key_levels[-1].shape[-2:])
-    q_strided = _strided_upsampled(query_levels, q_size, stride)[0]  # (S, C, hq', wq')
-    k_strided = _strided_upsampled(key_levels, k_size, stride)  # (B, S, C, hk', wk')
-    hq_s, wq_s = q_strided.shape[-2:]
-    hk_s, wk_s = k_strided.shape[-2:]
-    like = {"dtype": _matmul_dtype(key_levels[0]), "device": key_levels[0].device}
-
-    # key_sub block (i, j): keys at strided positions (rows B, hk', wk', j) x query level i
-    key_sub = torch.empty(b, hk_s * wk_s, s, s, q_size[0] * q_size[1], **like)
-    rows = k_strided.permute(0, 3, 4, 1, 2).reshape(-1, c)
-    for i, level in enumerate(query_levels):
-        corr = (rows @ level.reshape(c, -1)).view(-1, *level.shape[-2:])
-        key_sub[:, :, i] = resize_maps(corr, q_size).view(b, hk_s * wk_s, s, -1).clamp(min=0)
-    key_sub = key_sub.view(b, hk_s, wk_s, s * s, *q_size).permute(0, 3, 4, 5, 1, 2)
-
-    # query_sub block (i, j): query at strided positions (rows hq', wq', i) x key level j
-    query_sub = torch.empty(b, hq_s * wq_s, s, s, k_size[0] * k_size[1], **like)
-    rows = q_strided.permute(2, 3, 0, 1).reshape(1, -1, c).expand(b, -1, -1)
-    for j, level in enumerate(key_levels):
-        corr = torch.bmm(rows, level.reshape(b, c, -1)).view(-1, *level.shape[-2:])
-        query_sub[:, :, :, j] = resize_maps(corr, k_size).view(b, hq_s * wq_s, s, -1).clamp(min=0)
-    query_sub = query_sub.view(b, hq_s, wq_s, s * s, *k_size).permute(0, 3, 1, 2, 4, 5)
-    return key_sub, query_sub
+    key_sub = _pivot_side(query_levels, key_levels, stride, full_is_query=True)
+    query_sub = _pivot_side(key_levels, query_levels, stride, full_is_query=False)
+    return key_sub.permute(0, 5, 1, 2, 3, 4), query_sub.permute(0, 5, 3, 4, 1, 2)

@@ -3,8 +3,11 @@
 ``encoder_q`` is the global network (:class:`GlobalNet`), ``conv2ds`` the three per-scale
 Conv2d(1024, 256) of the re-ranking pyramid and ``cv_learner`` the correlation verifier.
 The inference methods take HxWx3 uint8 BGR arrays (as ``cv2.imread`` returns them) and run
-in eval mode without gradients, restoring the previous mode afterwards. The default fp32 is
-exact (TF32 convolutions off on CUDA); ``precision="bf16"`` (autocast) is an opt-in fast path.
+in eval mode without gradients, restoring the previous mode afterwards, and run the global
+network as an inference copy with BatchNorm folded into the convs (rebuilt when a weight or
+buffer of ``encoder_q`` changes; ``encoder_q`` itself, which training uses, is untouched). The
+default fp32 is exact (TF32 convolutions off on CUDA); ``precision="bf16"`` (autocast) is an
+opt-in fast path.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from cvnet.models.global_net import DEFAULT_SCALES, GlobalNet, check_image, mult
 from cvnet.models.rerank import CVLearner, RerankFeatures, compute_rerank_features, make_conv2ds
 from cvnet.models.precision import precision_context
 from cvnet.models.rerank import match_probability as rerank_match_probability
+from cvnet.models.resnet import fold_batchnorm
 
 
 class CVNet(nn.Module):
@@ -38,6 +42,16 @@ class CVNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def inference_encoder(self) -> GlobalNet:
+        """``encoder_q`` with BatchNorm folded (:func:`fold_batchnorm`), cached until one of its
+        tensors is replaced or modified in place (moved, loaded, an optimiser step)."""
+        key = tuple((t.data_ptr(), t._version) for t in self.encoder_q.state_dict().values())
+        cached = self.__dict__.get("_folded_encoder")
+        if cached is None or cached[0] != key:
+            cached = (key, fold_batchnorm(self.encoder_q))
+            self.__dict__["_folded_encoder"] = cached  # a plain attribute: not a submodule, not in the state dict
+        return cached[1]
+
     @contextmanager
     def _inference(self, precision: str = "fp32") -> Iterator[None]:
         was_training = self.training
@@ -55,13 +69,13 @@ class CVNet(nn.Module):
         ``precision``: ``"fp32"`` (exact) or ``"bf16"`` (autocast, approximate).
         """
         with self._inference(precision):
-            return multiscale_descriptors(self.encoder_q, images, scales, batch_size)
+            return multiscale_descriptors(self.inference_encoder(), images, scales, batch_size)
 
     def feature_map_tensor(self, image: np.ndarray) -> torch.Tensor:
         """Pre-ReLU stage-3 map (1024, ceil(H/16), ceil(W/16)) of one image at scale 1.0, on the model's device."""
         check_image(image, 0)
         with self._inference():
-            return self.encoder_q.stage3(to_batch([image], self.device))[0]
+            return self.inference_encoder().stage3(to_batch([image], self.device))[0]
 
     def feature_map(self, image: np.ndarray) -> np.ndarray:
         """:meth:`feature_map_tensor` as a float32 numpy array."""

@@ -45,7 +45,7 @@ def make_conv2ds() -> nn.ModuleList:
 def _building_block(in_channels: int, out_channels: Sequence[int], kernel: int, strides: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for out_ch, stride in zip(out_channels, strides):
-        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch), nn.ReLU(inplace=True)]
+        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch, inplace=True), nn.ReLU(inplace=True)]
         in_channels = out_ch
     return nn.Sequential(*layers)
 
@@ -91,7 +91,9 @@ class CVLearner(nn.Module):
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block4(self.block3(self.block2(x)))
-        return self.mlp(x.mean(dim=tuple(range(2, x.dim()))))
+        pooled = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # the small head stays fp32 in bf16 mode
+            return self.mlp(pooled)
 
 
 def _probability(logits: torch.Tensor) -> torch.Tensor:
