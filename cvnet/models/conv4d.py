@@ -124,7 +124,7 @@ def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Ten
         groups = layouts[0]
         view = _conv3d_view(x, groups, copy=True)
     merged_first = len(groups[0]) == 2
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    s, p = conv.stride[0], conv.padding[0]
     weight = conv.weight.unsqueeze(2 if merged_first else 4)
     stride, padding = ((1, s, s), (0, p, p)) if merged_first else ((s, s, 1), (p, p, 0))
     y = F.conv3d(view, weight, conv.bias, stride, padding)
