@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "extract": "jobs.extract",
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
+    "rerank": "jobs.rerank",
     "submit": "jobs.submit",
 }
 
