@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "train-global": "jobs.train_global",
     "evaluate": "jobs.evaluate",
     "rerank": "jobs.rerank",
+    "evaluate-gldv2": "jobs.evaluate_gldv2",
     "submit": "jobs.submit",
 }
 

@@ -75,7 +75,7 @@ def train(cfg: Any) -> TrainOutcome:
 
     from cvnet import storage
     from cvnet.tracking import mlflow_run, register_model, resolve_tracking_uri
-    from jobs.evaluate import evaluate_global
+    from cvnet.retrieval import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
 
     store = cfg.store or storage.default_store()
