@@ -17,6 +17,7 @@ precision (an approximate mode: measure it with :func:`recall_at_k` against an f
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str
     ``exclude_self``, the gallery item with the query's image id. Runs on ``device`` (default:
     the gallery's device), tiled by ``tiles`` or by :func:`plan_tiles` within ``memory_budget``;
     ``margin`` more candidates than ``k`` are kept per tile and re-scored exactly (module docstring).
+    ``fp16`` / ``bf16`` also hold a half-precision copy of the gallery (half its fp32 size).
     """
     if k < 1:
         raise ValueError(f"k: {k} must be at least 1")
@@ -114,6 +116,7 @@ def _search_tiles(q: torch.Tensor, g: torch.Tensor, k: int, dtype: torch.dtype, 
     size = min(tiles.queries, q.shape[0]) * min(tiles.gallery, g.shape[0])
     out = torch.empty(size, device=device)  # reused by every tile: no fresh pages to fault in
     low = torch.empty(size, dtype=dtype, device=device) if dtype != torch.float32 else None
+    g_tiles = g.to(dtype)  # a half-precision copy converted once, not once per query tile
     with torch.inference_mode(), _exact_fp32_matmul():
         for q0, q1 in _spans(q.shape[0], tiles.queries):
             query_tile = q[q0:q1].to(dtype)
@@ -122,7 +125,7 @@ def _search_tiles(q: torch.Tensor, g: torch.Tensor, k: int, dtype: torch.dtype, 
                 if low is None:
                     torch.matmul(query_tile, g[g0:g1].T, out=scores)
                 else:
-                    scores.copy_(torch.matmul(query_tile, g[g0:g1].to(dtype).T, out=low[: scores.numel()].view_as(scores)))
+                    scores.copy_(torch.matmul(query_tile, g_tiles[g0:g1].T, out=low[: scores.numel()].view_as(scores)))
                 excluded = exclusions.in_tile(q0, q1, g0, g1)
                 if excluded.size:
                     scores.view(-1).index_fill_(0, torch.from_numpy(excluded).to(device), float("-inf"))
@@ -195,10 +198,10 @@ def plan_tiles(n_queries: int, n_gallery: int, dim: int, k: int, memory_budget: 
 
 def tile_bytes(tq: int, tg: int, dim: int, k: int, precision: str = "fp32", largest_class: int = 0) -> int:
     """Working bytes of one tile step: the fp32 score tile (plus its half-precision original and
-    the half-precision copies of both tiles), the excluded-pair index, and the top-k buffers."""
+    the query tile's half-precision copy), the excluded-pair index, and the top-k buffers."""
     half = precision != "fp32"
     scores = tq * tg * (6 if half else 4)
-    copies = (tq + tg) * dim * 2 if half else 0
+    copies = tq * dim * 2 if half else 0
     excluded = tq * min(tg, largest_class + 1) * 8
     running = tq * (k + 1) * 8 * 6
     return scores + copies + excluded + running
@@ -304,7 +307,13 @@ def _as_landmarks(landmarks: Sequence[int | None] | np.ndarray, name: str) -> np
 
 
 def _as_matrix(x: np.ndarray | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)
+    """A float32 tensor on ``device``, sharing the memory of a float32 array (read-only ones too:
+    an object-store array is read, never written)."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D (n, dim) array, got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.float32)

@@ -1,6 +1,8 @@
 """Exact tiled search (cvnet.search) against a brute-force numpy reference."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,17 @@ def test_merge_rejects_overlapping_or_mismatched_parts(dataset):
     with pytest.raises(ValueError, match="k: 11"):
         merge(part, k=K + 1)
     assert merge(part, k=3).ids.tolist() == part.ids[:, :3].tolist()
+
+
+def test_read_only_arrays_are_searched_in_place_without_warnings(dataset):
+    """An actor's gallery from the object store is a read-only array: used in place, no warning."""
+    frozen = dataset.vectors.copy()
+    frozen.setflags(write=False)
+    gallery = Descriptors(frozen, dataset.ids, dataset.landmarks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = search(subset(dataset, np.arange(50)), gallery, K, tiles=TILES)
+    assert_same(result, reference(subset(dataset, np.arange(50)), dataset, K))
 
 
 def test_inputs_are_checked_by_name(dataset):
