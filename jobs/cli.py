@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "jobs.evaluate",
     "rerank": "jobs.rerank",
     "evaluate-gldv2": "jobs.evaluate_gldv2",
+    "report": "jobs.report",
     "submit": "jobs.submit",
 }
 
