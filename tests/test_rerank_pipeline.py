@@ -214,6 +214,7 @@ def _evaluate(bench, tmp_path, *extra: str) -> dict:
     return json.loads(printed.getvalue().strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_pipeline_with_distractors(bench, tmp_path, capsys):
     """Global mAP from the pipeline equals the in-process evaluate_global; the re-ranked metrics
     exist under both shortlist rules; added distractors lower global mAP (numbers printed)."""
@@ -233,3 +234,15 @@ def test_evaluate_on_the_pipeline_with_distractors(bench, tmp_path, capsys):
             print(f"\n{name}: " + "; ".join(f"{label} E/M/H mAP " + "/".join(f"{100 * res[label][p]['map']:.1f}"
                                                                           for p in ("easy", "medium", "hard"))
                                             for label in res))
+
+
+@pytest.mark.gpu
+def test_gpu_actors_match_the_cpu_rankings(ray_local, bench, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or not ray_local.cluster_resources().get("GPU"):
+        pytest.skip("needs a CUDA device visible to Ray")
+    cpu = _rankings(run_rerank(_cfg(bench, tmp_path / "cpu")).output)
+    gpu = _rankings(run_rerank(_cfg(bench, tmp_path / "gpu", actor_gpus=0.5)).output)
+    assert gpu["image_id"].equals(cpu["image_id"])
+    np.testing.assert_allclose(gpu["score"].to_numpy(), cpu["score"].to_numpy(), atol=1e-4)
