@@ -260,3 +260,65 @@ class AuditOverlapConfig(Section):
     lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
     experiment: str = Field("audit-overlap", description="MLflow experiment")
+
+
+# ---- rerank / evaluate -----------------------------------------------------------------------
+
+class RerankConfig(Section):
+    """``cvnet rerank``: global shortlists, CVNet re-ranking and fused rankings on Ray."""
+
+    gallery: str = Field(..., description="extraction output of the gallery (features URI)")
+    queries: str | None = Field(None, description="extraction output of the queries (None: the gallery itself, "
+                                                  "all-vs-all, each image's own id excluded)")
+    model: str = Field(..., description="CVNet checkpoint URI (its cv_learner scores the shortlists)")
+    k: int = Field(100, ge=1, description="shortlist length re-ranked per query")
+    rerank: bool = Field(True, description="re-rank the shortlists (False: global rankings only)")
+    depth: int | None = Field(None, ge=1, description="global list length kept per query (>= k; None: k)")
+    weight: float = Field(0.5, description="fused score = global + weight * match probability")
+    index: Literal["flat", "ivf", "ivfpq"] = Field("flat", description="global search: exact, faiss IVF or IVF-PQ")
+    nlist: int = Field(1024, ge=1, description="IVF lists per search shard (capped at shard rows / 39)")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed per query")
+    pq_m: int = Field(64, ge=1, description="IVF-PQ sub-quantisers (divides 2048)")
+    recall_queries: int = Field(100, ge=1, description="queries per wave whose IVF recall@k vs exact is measured")
+    rerank_from: Literal["cached", "recompute"] = Field(
+        "cached", description="cached: the gallery's stored rerank features; recompute: from its images")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="re-ranking precision (bf16: approximate)")
+    out: str | None = Field(None, description="rankings table URI (None: <store>/rankings/<name>)")
+    name: str = Field("rerank", description="run name (default output folder)")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    wave_queries: int = Field(500, ge=1, description="queries per wave (search + re-rank + commit); "
+                                                     "per-image work is shared within a wave")
+    commit_queries: int = Field(100, ge=1, description="queries per commit of the rankings")
+    search_shards: int | None = Field(None, ge=1, description="gallery shards of the global search (None: num_actors)")
+    part_images: int = Field(16, ge=1, description="gallery images per re-rank actor call")
+    num_actors: int = Field(1, ge=1, description="search and re-rank actors")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    torch_threads: int = Field(1, ge=1, description="torch threads per actor")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("rerank", description="MLflow experiment")
+
+
+class EvaluateConfig(Section):
+    """``cvnet evaluate``: extraction -> rankings -> revisitop metrics on a benchmark, on Ray."""
+
+    benchmark: str = Field(..., description="revisitop dataset folder (gnd_<name>.pkl + jpg/)")
+    model: str = Field(..., description="CVNet checkpoint URI")
+    rerank: bool = Field(False, description="also re-rank the shortlists (both shortlist rules)")
+    k: int = Field(100, ge=1, description="shortlist length re-ranked per query")
+    weight: float = Field(0.5, description="fused score = global + weight * match probability")
+    distractors: str | None = Field(None, description="distractor manifest added to the database (R1M-style)")
+    rerank_from: Literal["cached", "recompute"] = Field("cached", description="rerank features stored or recomputed")
+    depth: int | None = Field(None, ge=1, description="global list length per query (None: the whole database "
+                                                      "up to 10000 images, else max(1000, k + most junk))")
+    scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="multi-scale inference scales")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    num_actors: int = Field(1, ge=1, description="model / search / re-rank actors")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("evaluate", description="MLflow experiment")

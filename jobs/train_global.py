@@ -76,8 +76,8 @@ def train(cfg: Any) -> TrainOutcome:
     from cvnet import storage
     from cvnet.pyfunc import log_cvnet_model
     from cvnet.registry import register_model
+    from cvnet.retrieval import evaluate_global
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
-    from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
 
     store = cfg.store or storage.default_store()
