@@ -300,17 +300,19 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--manifest", dataset["manifest"], "--model", dataset["model_uri"], "--output", str(output),
             "--shard-size", "2", "--part-rows", "1", "--tracking-uri", tracking, "--max-bad-fraction", "1"]
+    log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.extract", *args,
          "--address", ray_local.get_runtime_context().gcs_address],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     features_uri = str(output / features.FEATURES)
     try:
-        wait_for(lambda: table_version(features_uri) >= 2, 180, "nothing committed")
-        assert driver.poll() is None, "the driver must be killed mid-run"
+        wait_for(lambda: table_version(features_uri) >= 2 or driver.poll() is not None, 300, "nothing committed")
+        assert driver.poll() is None, "the driver must be killed mid-run: " + (tmp_path / "driver.log").read_text()[-3000:]
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+        log.close()
     before = Table.open(features_uri)
     first = set(before.keys().to_pylist())
     assert 1 <= len(first) < N_GOOD
