@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "manifest": "jobs.manifest",
     "extract": "jobs.extract",
     "train-global": "jobs.train_global",
+    "train-rerank": "jobs.train_rerank",
     "evaluate": "jobs.evaluate",
     "rerank": "jobs.rerank",
     "submit": "jobs.submit",

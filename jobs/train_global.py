@@ -20,7 +20,6 @@ from jobs.cli import entrypoint
 
 HELP = "train the global descriptor (stage 1) with DDP; --config FILE [--flags] [key=value ...]"
 log = logging.getLogger(__name__)
-NAME_TAG = "cvnet.train_name"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,16 +41,6 @@ class TrainOutcome:
     net: Any  # the trained global network (eval mode)
     metrics: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
-
-
-def _existing_run(mlflow: Any, experiment: str, name: str) -> str | None:
-    """The id of an earlier MLflow run of the training run ``name`` (for resumes)."""
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = mlflow.search_runs([found.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'",
-                              output_format="list", max_results=1)
-    return runs[0].info.run_id if runs else None
 
 
 def export_model(net: Any, uri: str, metadata: dict[str, Any]) -> None:
@@ -77,11 +66,12 @@ def train(cfg: Any) -> TrainOutcome:
     from cvnet.tracking import mlflow_run, register_model, resolve_tracking_uri
     from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
+    from pipelines.training import NAME_TAG, find_training_run
 
     store = cfg.store or storage.default_store()
     tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    run_id = _existing_run(mlflow, cfg.experiment, cfg.name)
+    run_id = find_training_run(mlflow, cfg.experiment, cfg.name)
     with mlflow_run(cfg.experiment, tracking_uri, run_name=cfg.name, run_id=run_id,
                     tags={NAME_TAG: cfg.name}) as run:
         run_id = run.info.run_id
