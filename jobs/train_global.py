@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jobs.cli import entrypoint
@@ -66,7 +63,7 @@ def train(cfg: Any) -> TrainOutcome:
     from cvnet.tracking import mlflow_run, register_model, resolve_tracking_uri
     from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
-    from pipelines.training import NAME_TAG, find_training_run
+    from pipelines.training import NAME_TAG, find_training_run, publish_model
 
     store = cfg.store or storage.default_store()
     tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri)
@@ -78,11 +75,8 @@ def train(cfg: Any) -> TrainOutcome:
         result = fit_stage1(cfg.model_dump(), run_id, tracking_uri)
         net = load_trained_net(result.checkpoint_path)
         model_uri = storage.join(store, "models", cfg.name, "cvnet_global.pth")
-        with tempfile.TemporaryDirectory() as tmp:  # one export: the store's copy and MLflow's
-            local = os.path.join(tmp, "cvnet_global.pth")
-            export_model(net, local, {"step": result.step, "train_name": cfg.name})
-            storage.put_atomic(model_uri, Path(local).read_bytes())
-            mlflow.log_artifact(local, artifact_path="model")
+        publish_model(lambda path: export_model(net, path, {"step": result.step,
+                                                            "train_name": cfg.name}), model_uri)
         metrics: dict[str, float] = {}
         if cfg.eval.benchmark:
             metrics = eval_metrics("eval", evaluate_global(net, cfg.eval.benchmark, cfg.eval.scales))

@@ -318,3 +318,16 @@ def find_training_run(mlflow: Any, experiment: str, name: str) -> str | None:
     runs = mlflow.search_runs([found.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'",
                               output_format="list", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def publish_model(save: Callable[[str], None], model_uri: str) -> None:
+    """Export a trained model once: ``save(local_path)`` writes it, then it goes to the store at
+    ``model_uri`` and, as ``model/<file name>``, to the active MLflow run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(model_uri))
+        save(local)
+        with open(local, "rb") as f:
+            storage.put_atomic(model_uri, f.read())
+        mlflow.log_artifact(local, artifact_path="model")

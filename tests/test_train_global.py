@@ -207,7 +207,8 @@ def _stage1_after_one_step():
 
 
 def _optimizer_state_devices(state) -> set[tuple[torch.device, torch.device]]:
-    """(state tensor device, its parameter's device) of every optimizer state tensor."""
+    """(state tensor device, its parameter's device) of every optimizer state tensor of
+    ``state.optimizer`` (either stage)."""
     params = {id(p): p for group in state.optimizer.param_groups for p in group["params"]}
     return {(value.device, params[id(p)].device) for p, slots in state.optimizer.state.items()
             for value in slots.values() if torch.is_tensor(value) and value.dim()}
