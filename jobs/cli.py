@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "mine": "jobs.mine",
     "audit-overlap": "jobs.audit_overlap",
     "train-global": "jobs.train_global",
+    "train-rerank": "jobs.train_rerank",
     "evaluate": "jobs.evaluate",
     "rerank": "jobs.rerank",
     "evaluate-gldv2": "jobs.evaluate_gldv2",
