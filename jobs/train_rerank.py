@@ -63,18 +63,20 @@ def evaluate_rerank(model: Any, root: str, k: int = 100, scales: Sequence[float]
     removed first, scored with that protocol)."""
     from cvnet import storage
     from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, load_image, load_query_image
+    from cvnet.eval.revisitop import benchmark_name
+    from cvnet.models.global_net import multiscale_descriptors
     from cvnet.retrieval import evaluate_rankings, global_search, protocol_junk, retrieve
     from cvnet.search import Descriptors
-    from jobs.evaluate import benchmark_name, database_descriptors, query_descriptors
 
     gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
     queries, names = list(gt["qimlist"]), list(gt["imlist"])
-    ranking = global_search(Descriptors(query_descriptors(model.encoder_q, root, gt, scales), queries),
-                            Descriptors(database_descriptors(model.encoder_q, root, gt, scales), names),
+    query_images = [load_query_image(root, gt, i) for i in range(len(queries))]
+    images = [load_image(root, n) for n in names]
+    ranking = global_search(Descriptors(multiscale_descriptors(model.encoder_q, query_images, scales), queries),
+                            Descriptors(multiscale_descriptors(model.encoder_q, images, scales), names),
                             len(names))
-    query_features = {q: model.rerank_features(load_query_image(root, gt, i))
-                      for i, q in enumerate(queries)}
-    gallery_features = {n: model.rerank_features(load_image(root, n)) for n in names}
+    query_features = {q: model.rerank_features(image) for q, image in zip(queries, query_images)}
+    gallery_features = {n: model.rerank_features(image) for n, image in zip(names, images)}
     score = lambda query, keys: model.match_probability(query, keys)  # noqa: E731
     results = {"global": evaluate_rankings(retrieve(ranking, k, None), gt, queries)}
     if "topk" in rules:
@@ -100,7 +102,8 @@ def train(cfg: Any) -> RerankOutcome:
 
     from cvnet import storage
     from cvnet.models.checkpoints import save_checkpoint
-    from cvnet.tracking import mlflow_run, register_model, resolve_tracking_uri
+    from cvnet.registry import register_model
+    from cvnet.tracking import mlflow_run, resolve_tracking_uri
     from pipelines.train_rerank import fit_stage2, load_trained_model, pin_negatives
     from pipelines.training import NAME_TAG, find_training_run, publish_model
 
@@ -117,15 +120,15 @@ def train(cfg: Any) -> RerankOutcome:
         result = fit_stage2(loop_cfg, run_id, tracking_uri)
         model = load_trained_model(result.checkpoint_path)
         model_uri = storage.join(store, "models", cfg.name, "cvnet_rerank.pth")
-        publish_model(lambda path: save_checkpoint(model, path, {
+        logged = publish_model(lambda path: save_checkpoint(model, path, {
             "stage": "rerank", "step": result.step, "train_name": cfg.name,
-            "init": cfg.model.init}), model_uri)
+            "init": cfg.model.init}), model_uri, "rerank")
         metrics = rerank_metrics(model, cfg) if cfg.eval.benchmark else {}
         if metrics:
             mlflow.log_metrics(metrics, step=result.step)
         version = None
         if cfg.register_as:
-            version = register_model(cfg.register_as, f"{run.info.artifact_uri}/model", run_id,
+            version = register_model(cfg.register_as, logged.model_uri,
                                      tags={"step": result.step, **metrics})
     log.info("run %s: step %d, model %s, MLflow run %s at %s", cfg.name, result.step,
              storage.redact(model_uri), run_id, storage.redact(tracking_uri))

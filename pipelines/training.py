@@ -320,14 +320,16 @@ def find_training_run(mlflow: Any, experiment: str, name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def publish_model(save: Callable[[str], None], model_uri: str) -> None:
+def publish_model(save: Callable[[str], None], model_uri: str, kind: str) -> Any:
     """Export a trained model once: ``save(local_path)`` writes it, then it goes to the store at
-    ``model_uri`` and, as ``model/<file name>``, to the active MLflow run."""
-    import mlflow
+    ``model_uri`` and, as an MLflow model of ``kind`` (``global`` / ``rerank``, the checkpoint
+    inside, :func:`cvnet.pyfunc.log_cvnet_model`), to the active MLflow run; returns its
+    ``ModelInfo`` (``model_uri`` is what the registry takes)."""
+    from cvnet.pyfunc import log_cvnet_model
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, os.path.basename(model_uri))
         save(local)
         with open(local, "rb") as f:
             storage.put_atomic(model_uri, f.read())
-        mlflow.log_artifact(local, artifact_path="model")
+        return log_cvnet_model(local, kind)

@@ -153,6 +153,7 @@ def test_worker_fault_resumes_same_order_equal_weights_s3_and_mlflow(
     per-step sample digests and its final re-ranker weights equal an uninterrupted run's; the
     server has the run (with the negatives' version as an input) and cvnet-rerank. The uninterrupted
     run loads synchronously, the faulted one through a loader process."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from cvnet import storage
@@ -200,5 +201,6 @@ def test_worker_fault_resumes_same_order_equal_weights_s3_and_mlflow(
     assert run.data.params["negatives.version"] == str(version)
     assert set(m.step for m in client.get_metric_history(run_id, "loss")) == {1, 2, 3, 4}
     assert {"accuracy", "hard_share", "has_prob", "pairs_per_s"} <= set(run.data.metrics)
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/cvnet_rerank.pth"]
     assert client.get_model_version("cvnet-rerank", model_version).run_id == run_id
+    info = mlflow.models.get_model_info(f"models:/cvnet-rerank/{model_version}")
+    assert "python_function" in info.flavors and info.signature is not None  # a real MLflow model
