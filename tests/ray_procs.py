@@ -60,6 +60,7 @@ def kill_actors_mid_run(ray, name: bytes, runner: threading.Thread) -> set[int]:
     thread) is alive; returns the pids of the actors that replaced them (empty if none came
     before the job ended)."""
     raylet = raylet_pid(ray._private.worker._global_node)
+    wait_for(lambda: actor_pids(raylet, name) or not runner.is_alive(), 60, f"no {name.decode()} actor")
     killed = actor_pids(raylet, name)
     assert killed and runner.is_alive(), "the kill must happen while the job runs"
     for pid in killed:

@@ -25,8 +25,7 @@ from cvnet.models.synthetic_weights import synthetic_state_dict
 from cvnet.tables import Table
 from pipelines.extract import run_extract
 from pipelines.rerank import run_rerank
-from ray_procs import actor_pids, raylet_pid
-from test_extract_pipeline import _versions, _wait_for
+from ray_procs import kill_actors_mid_run, table_version, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "roxsynth"
@@ -134,17 +133,9 @@ def test_killed_actor_then_every_query_once(ray_local, bench, tmp_path):
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_rerank(cfg)))
     runner.start()
-    node = raylet_pid(ray_local._private.worker._global_node)
     try:
-        _wait_for(lambda: _versions(str(out)) >= 2, 180, "nothing committed")
-        _wait_for(lambda: actor_pids(node, b"RerankActor") or not runner.is_alive(), 60, "no actor")
-        killed = actor_pids(node, b"RerankActor")
-        assert killed and runner.is_alive(), "the kill must happen while the job runs"
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: set(actor_pids(node, b"RerankActor")) - set(killed) or not runner.is_alive(), 120,
-                  "no restart")
-        restarted = set(actor_pids(node, b"RerankActor")) - set(killed)
+        wait_for(lambda: table_version(str(out)) >= 2, 180, "nothing committed")
+        restarted = kill_actors_mid_run(ray_local, b"RerankActor", runner)
     finally:
         runner.join(timeout=300)
     assert "result" in outcome and restarted  # a new actor served the rest
@@ -160,7 +151,7 @@ def test_killed_driver_then_rerun_every_query_once(ray_local, bench, tmp_path):
                                ray_local.get_runtime_context().gcs_address],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for(lambda: _versions(str(out)) >= 2, 240, "nothing committed")
+        wait_for(lambda: table_version(str(out)) >= 2, 240, "nothing committed")
         assert driver.poll() is None, "the driver must be killed mid-run"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
