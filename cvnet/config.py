@@ -85,6 +85,13 @@ class CheckpointSection(Section):
     controller_failure_limit: int = Field(2, ge=0, description="Ray Train controller failures allowed")
 
 
+class LoaderSection(Section):
+    workers: int = Field(2, ge=0, description="loader processes per training worker making batches "
+                                              "ahead (0: synchronous, in the training loop)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each loader process makes ahead")
+    context: Literal["forkserver", "spawn"] = Field("forkserver", description="how loader processes start")
+
+
 class EvalConfig(Section):
     benchmark: str | None = Field(None, description="revisitop-format dataset dir (gnd_<name>.pkl + jpg/)")
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, description="multi-scale inference scales")
@@ -104,6 +111,7 @@ class TrainGlobalConfig(Section):
     optim: OptimConfig = OptimConfig()
     scaling: ScalingSection = ScalingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    loader: LoaderSection = LoaderSection()
     eval: EvalConfig = EvalConfig()
 
 
@@ -215,3 +223,139 @@ def describe_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, s
         default = "required" if field.is_required() else repr(field.default)
         rows.append((key, default, field.description or ""))
     return rows
+
+
+# ---- rerank / evaluate -----------------------------------------------------------------------
+
+class RerankConfig(Section):
+    """``cvnet rerank``: global shortlists, CVNet re-ranking and fused rankings on Ray."""
+
+    gallery: str = Field(..., description="extraction output of the gallery (features URI)")
+    queries: str | None = Field(None, description="extraction output of the queries (None: the gallery itself, "
+                                                  "all-vs-all, each image's own id excluded)")
+    model: str = Field(..., description="CVNet checkpoint URI (its cv_learner scores the shortlists)")
+    k: int = Field(100, ge=1, description="shortlist length re-ranked per query")
+    depth: int | None = Field(None, ge=1, description="global list length kept per query (>= k; None: k)")
+    weight: float = Field(0.5, description="fused score = global + weight * match probability")
+    index: Literal["flat", "ivf", "ivfpq"] = Field("flat", description="global search: exact, faiss IVF or IVF-PQ")
+    nlist: int = Field(1024, ge=1, description="IVF lists per search shard (capped at shard rows / 39)")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed per query")
+    pq_m: int = Field(64, ge=1, description="IVF-PQ sub-quantisers (divides 2048)")
+    recall_queries: int = Field(100, ge=1, description="queries per wave whose IVF recall@k vs exact is measured")
+    rerank_from: Literal["cached", "recompute"] = Field(
+        "cached", description="cached: the gallery's stored rerank features; recompute: from its images")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="re-ranking precision (bf16: approximate)")
+    out: str | None = Field(None, description="rankings table URI (None: <store>/rankings/<name>)")
+    name: str = Field("rerank", description="run name (default output folder)")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    wave_queries: int = Field(500, ge=1, description="queries per wave (search + re-rank + commit); "
+                                                     "per-image work is shared within a wave")
+    commit_queries: int = Field(100, ge=1, description="queries per commit of the rankings")
+    search_shards: int | None = Field(None, ge=1, description="gallery shards of the global search (None: num_actors)")
+    part_images: int = Field(16, ge=1, description="gallery images per re-rank actor call")
+    num_actors: int = Field(1, ge=1, description="search and re-rank actors")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    torch_threads: int = Field(1, ge=1, description="torch threads per actor")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("rerank", description="MLflow experiment")
+
+
+class EvaluateConfig(Section):
+    """``cvnet evaluate``: extraction -> rankings -> revisitop metrics on a benchmark, on Ray."""
+
+    benchmark: str = Field(..., description="revisitop dataset folder (gnd_<name>.pkl + jpg/)")
+    model: str = Field(..., description="CVNet checkpoint URI")
+    rerank: bool = Field(False, description="also re-rank the shortlists (both shortlist rules)")
+    k: int = Field(100, ge=1, description="shortlist length re-ranked per query")
+    weight: float = Field(0.5, description="fused score = global + weight * match probability")
+    distractors: str | None = Field(None, description="distractor manifest added to the database (R1M-style)")
+    rerank_from: Literal["cached", "recompute"] = Field("cached", description="rerank features stored or recomputed")
+    scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="multi-scale inference scales")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    num_actors: int = Field(1, ge=1, description="model / search / re-rank actors")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("evaluate", description="MLflow experiment")
+
+
+# ---- train-rerank ----------------------------------------------------------------------------
+
+class RerankModelConfig(Section):
+    init: str | None = Field(None, description="CVNet checkpoint URI to start from: a released one "
+                                               "or a stage-1 export (None: random init under init_seed)")
+    init_seed: int = Field(0, description="seed of the random init when init is None")
+    depth: Literal[50, 101] = Field(50, description="ResNet depth of the random init (init sets its own)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="re-ranker forward: exact fp32 "
+                                                                   "or bf16 autocast (GPU)")
+    maps_precision: Literal["fp32", "bf16"] = Field("fp32", description="frozen backbone's stage-3 maps")
+
+
+class NegativesConfig(Section):
+    table: str | None = Field(None, description="hard-negatives table URI (image_id, landmark_id, "
+                                                "negative_ids, negative_scores); None: random negatives")
+    version: int | None = Field(None, description="table version (None: the latest, pinned by the driver)")
+    per_anchor: int = Field(1, ge=1, description="negatives per anchor")
+    top_k: int = Field(10, ge=1, description="hard negatives drawn from the first top_k of the mined list")
+
+
+class ScheduleSection(Section):
+    kind: Literal["linear", "cosine", "step"] = Field("linear", description="ramp shape")
+    start: float = Field(0.0, ge=0, le=1, description="value during the warm-up")
+    end: float = Field(0.0, ge=0, le=1, description="value after the ramp")
+    warmup_steps: int = Field(0, ge=0, description="steps at start")
+    ramp_steps: int = Field(0, ge=0, description="steps from start to end (linear, cosine)")
+    milestones: tuple[int, ...] = Field((), description="steps of the equal jumps (step)")
+
+
+class CurriculumSection(Section):
+    hard_share: ScheduleSection = ScheduleSection()
+    has_prob: ScheduleSection = ScheduleSection()
+
+
+class HideAndSeekSection(Section):
+    cell_size: int | None = Field(None, ge=1, description="cell side in map positions (or grid)")
+    grid: int | None = Field(4, ge=1, description="cells per side (used when cell_size is None)")
+    fill: str | float = Field("zero", description="zero, mean or a number")
+
+
+class RerankOptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(1e-3, gt=0, description="learning rate (warm-up, then cosine to 0)")
+    momentum: float = Field(0.9, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    max_steps: int = Field(1000, ge=1, description="training steps in all")
+    batch_size: int = Field(8, ge=1, description="anchors per worker per step")
+    clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm")
+
+
+class RerankEvalConfig(Section):
+    benchmark: str | None = Field(None, description="revisitop-format dataset dir to evaluate on")
+    k: int = Field(100, ge=1, description="global shortlist re-ranked")
+    scales: tuple[float, ...] = Field(DEFAULT_SCALES, description="multi-scale global inference scales")
+
+
+class TrainRerankConfig(Section):
+    name: str = Field("stage2", description="run name: rerunning the same name resumes it")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("cvnet-stage2", description="MLflow experiment")
+    register_as: str | None = Field("cvnet-rerank", description="registered model name (None: do not register)")
+    seed: int = Field(0, description="sampling, augmentation and Hide-and-Seek seed")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    data: DataConfig = DataConfig()
+    model: RerankModelConfig = RerankModelConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    curriculum: CurriculumSection = CurriculumSection()
+    hide_and_seek: HideAndSeekSection = HideAndSeekSection()
+    optim: RerankOptimConfig = RerankOptimConfig()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    loader: LoaderSection = LoaderSection()
+    eval: RerankEvalConfig = RerankEvalConfig()

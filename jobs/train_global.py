@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jobs.cli import entrypoint
 
 HELP = "train the global descriptor (stage 1) with DDP; --config FILE [--flags] [key=value ...]"
 log = logging.getLogger(__name__)
-NAME_TAG = "cvnet.train_name"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +40,6 @@ class TrainOutcome:
     model_version: str | None = None
 
 
-def _existing_run(mlflow: Any, experiment: str, name: str) -> str | None:
-    """The id of an earlier MLflow run of the training run ``name`` (for resumes)."""
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = mlflow.search_runs([found.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'",
-                              output_format="list", max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def export_model(net: Any, uri: str, metadata: dict[str, Any]) -> None:
     """Save the trained global network as a CVNet checkpoint (rerank part at its default init)."""
     from cvnet.models.checkpoints import save_checkpoint
@@ -74,27 +60,25 @@ def train(cfg: Any) -> TrainOutcome:
     import mlflow
 
     from cvnet import storage
-    from cvnet.pyfunc import log_cvnet_model
     from cvnet.registry import register_model
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
     from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
+    from pipelines.training import NAME_TAG, find_training_run, publish_model
 
     store = cfg.store or storage.default_store()
     tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    run_id = _existing_run(mlflow, cfg.experiment, cfg.name)
+    run_id = find_training_run(mlflow, cfg.experiment, cfg.name)
     with mlflow_run(cfg.experiment, tracking_uri, run_name=cfg.name, run_id=run_id,
                     tags={NAME_TAG: cfg.name}) as run:
         run_id = run.info.run_id
         result = fit_stage1(cfg.model_dump(), run_id, tracking_uri)
         net = load_trained_net(result.checkpoint_path)
         model_uri = storage.join(store, "models", cfg.name, "cvnet_global.pth")
-        with tempfile.TemporaryDirectory() as tmp:  # one export: the store's copy and MLflow's
-            local = os.path.join(tmp, "cvnet_global.pth")
-            export_model(net, local, {"step": result.step, "train_name": cfg.name})
-            storage.put_atomic(model_uri, Path(local).read_bytes())
-            logged = log_cvnet_model(local, "global")  # an MLflow model with the checkpoint inside
+        logged = publish_model(lambda path: export_model(net, path, {"step": result.step,
+                                                                     "train_name": cfg.name}),
+                               model_uri, "global")
         metrics: dict[str, float] = {}
         if cfg.eval.benchmark:
             metrics = eval_metrics("eval", evaluate_global(net, cfg.eval.benchmark, cfg.eval.scales))

@@ -2,8 +2,9 @@
 
 ``python -m tests.faults STEP MARKER ADDRESS <cvnet args...>`` runs a cvnet job as a Ray driver
 attached to the cluster at ADDRESS with :func:`fail_once_at_step` as the job's
-``worker_process_setup_hook``: in each of the job's worker processes it wraps the stage-1 step
-function so that rank 0 raises :class:`InjectedFault` when it is about to run step STEP. The
+``worker_process_setup_hook``: in each of the job's worker processes it wraps both stages' step
+functions (``pipelines.train_global.train_step``, ``pipelines.train_rerank.train_step``) so that
+rank 0 raises :class:`InjectedFault` when it is about to run step STEP. The
 first worker to get there creates the file MARKER (atomically, ``O_EXCL``), so the fault fires
 once per MARKER and the restarted workers train on; the file tells the test it happened.
 """
@@ -31,24 +32,29 @@ def _claim(marker: str, step: int) -> bool:
     return True
 
 
-def fail_once_at_step() -> None:
-    """Worker setup hook: make rank 0's ``train_step`` raise once at step ``$CVNET_TEST_FAULT_STEP``."""
-    step, marker = os.environ.get(STEP_ENV), os.environ.get(MARKER_ENV)
-    if not step or not marker:
-        return
+def _failing(real_step, step: int, marker: str):
     import ray.train
 
-    import pipelines.train_global as train_global
-
-    real_step = train_global.train_step
-
     def train_step(state, *args, **kwargs):
-        if (state.step == int(step) and ray.train.get_context().get_world_rank() == 0
+        if (state.step == step and ray.train.get_context().get_world_rank() == 0
                 and _claim(marker, state.step)):
             raise InjectedFault(f"injected fault at step {state.step}")
         return real_step(state, *args, **kwargs)
 
-    train_global.train_step = train_step
+    return train_step
+
+
+def fail_once_at_step() -> None:
+    """Worker setup hook: make rank 0's ``train_step`` (either stage) raise once at step
+    ``$CVNET_TEST_FAULT_STEP``."""
+    step, marker = os.environ.get(STEP_ENV), os.environ.get(MARKER_ENV)
+    if not step or not marker:
+        return
+    import pipelines.train_global as train_global
+    import pipelines.train_rerank as train_rerank
+
+    for module in (train_global, train_rerank):
+        module.train_step = _failing(module.train_step, int(step), marker)
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["data.image_size=64", "optim.batch_size=4", "optim.max_steps=4", "optim.warmup_steps=0",
         "checkpoint.every_steps=2", "loss.queue_size=32", "model.freeze_stages=4",
-        "scaling.num_workers=2", "log_every=1"]
+        "scaling.num_workers=2", "log_every=1", "loader.workers=1"]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -193,6 +193,75 @@ def test_center_head_removes_the_common_descriptor_direction():
     off = ~torch.eye(6, dtype=torch.bool)
     assert (net(x) @ net(x).T)[off].mean() < (before @ before.T)[off].mean()
 
+def _stage1_after_one_step():
+    from cvnet.training.steps import build_global_net, build_stage1, train_step
+
+    cfg = load_config(TrainGlobalConfig, None, TINY)
+    state, _ = build_stage1(build_global_net(50, 0), 2, cfg.loss.model_dump(),
+                            cfg.optim.model_dump(), 4)
+    x = torch.randn(2, 3, 64, 64)
+    train_step(state, x, x, torch.tensor([0, 1]), 0.5, 0.5)
+    fresh, _ = build_stage1(build_global_net(50, 1), 2, cfg.loss.model_dump(),
+                            cfg.optim.model_dump(), 4)
+    return state.state_dict(), fresh
+
+
+def _optimizer_state_devices(state) -> set[tuple[torch.device, torch.device]]:
+    """(state tensor device, its parameter's device) of every optimizer state tensor of
+    ``state.optimizer`` (either stage)."""
+    params = {id(p): p for group in state.optimizer.param_groups for p in group["params"]}
+    return {(value.device, params[id(p)].device) for p, slots in state.optimizer.state.items()
+            for value in slots.values() if torch.is_tensor(value) and value.dim()}
+
+
+def _modules(state):
+    return [state.model, state.momentum, state.queue, state.con_loss]
+
+
+@pytest.fixture
+def swap_params_on_conversion():
+    """``module.to`` keeps each Parameter object (as a CPU -> GPU move does; a move to ``meta``
+    would otherwise make new ones, which the optimizer does not hold)."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resume_moves_to_the_device_before_the_optimizer_state_loads(swap_params_on_conversion):
+    """load_on_device: every optimizer state tensor ends on its parameter's device. The
+    ``meta`` device stands in for a GPU on the CPU; loading first, then moving (the old order)
+    leaves the momentum buffers behind on the CPU, which this test tells apart."""
+    from pipelines.training import load_on_device
+
+    payload, state = _stage1_after_one_step()
+    load_on_device(state, _modules(state), payload, "meta")
+    devices = _optimizer_state_devices(state)
+    assert devices and devices == {(torch.device("meta"), torch.device("meta"))}
+    assert state.step == 1 and state.resumed_from == [1]
+
+    payload, old_order = _stage1_after_one_step()
+    old_order.load_state_dict(payload)
+    for module in _modules(old_order):
+        module.to("meta")
+    assert (torch.device("cpu"), torch.device("meta")) in _optimizer_state_devices(old_order)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resume_on_gpu_then_a_step_runs():
+    """Stage 1 resumed onto a GPU: optimizer state on the GPU and the next step runs."""
+    from cvnet.training.steps import train_step
+    from pipelines.training import load_on_device
+
+    payload, state = _stage1_after_one_step()
+    load_on_device(state, _modules(state), payload, "cuda")
+    assert _optimizer_state_devices(state) == {(torch.device("cuda", 0), torch.device("cuda", 0))}
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    out = train_step(state, x, x, torch.tensor([0, 1], device="cuda"), 0.5, 0.5)
+    assert np.isfinite(out["loss"]) and state.step == 2
+
 # ----------------------------------------------------------------------------- Ray Train (2 workers)
 
 @pytest.fixture(scope="module")
@@ -264,7 +333,7 @@ def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny
 
     store = str(workdir / "store")
     overrides = _tiny_overrides("crash", store, tiny_synth, ["checkpoint.max_failures=0"])
-    staged = set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*"))
+    staged = set(Path(tempfile.gettempdir()).glob("cvnet-train-global-*"))
     marker = workdir / "fault"
     proc = _run_with_fault(ray_local, marker, ["train-global", *overrides])
     assert proc.returncode == 1 and "InjectedFault: injected fault at step 3" in proc.stderr, \
@@ -273,7 +342,7 @@ def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny
     result = fit_stage1(load_config(TrainGlobalConfig, None, overrides).model_dump())
     assert result.step == 4 and result.resumed_from == [2]
     # each checkpoint's local staging folder is gone once the store has it
-    assert set(Path(tempfile.gettempdir()).glob("cvnet-stage1-*")) <= staged
+    assert set(Path(tempfile.gettempdir()).glob("cvnet-train-global-*")) <= staged
     meta = json.loads((workdir / "store" / "checkpoints" / "crash" / "step_00000004" /
                        "stage1_meta.json").read_text())
     assert meta["step"] == 4 and len(meta["landmark_ids"]) == 6
