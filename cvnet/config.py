@@ -235,6 +235,7 @@ class RerankConfig(Section):
                                                   "all-vs-all, each image's own id excluded)")
     model: str = Field(..., description="CVNet checkpoint URI (its cv_learner scores the shortlists)")
     k: int = Field(100, ge=1, description="shortlist length re-ranked per query")
+    rerank: bool = Field(True, description="re-rank the shortlists (False: global rankings only)")
     depth: int | None = Field(None, ge=1, description="global list length kept per query (>= k; None: k)")
     weight: float = Field(0.5, description="fused score = global + weight * match probability")
     index: Literal["flat", "ivf", "ivfpq"] = Field("flat", description="global search: exact, faiss IVF or IVF-PQ")
@@ -274,6 +275,8 @@ class EvaluateConfig(Section):
     weight: float = Field(0.5, description="fused score = global + weight * match probability")
     distractors: str | None = Field(None, description="distractor manifest added to the database (R1M-style)")
     rerank_from: Literal["cached", "recompute"] = Field("cached", description="rerank features stored or recomputed")
+    depth: int | None = Field(None, ge=1, description="global list length per query (None: the whole database "
+                                                      "up to 10000 images, else max(1000, k + most junk))")
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="multi-scale inference scales")
     store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
     num_actors: int = Field(1, ge=1, description="model / search / re-rank actors")

@@ -179,11 +179,14 @@ def retrieve(ranking: TopK, k: int, score: ScoreFn | None, query_features: Mappi
     return fuse(ranking, rerank_probabilities(ranking, k, score, query_features, gallery_features), weight)
 
 
-def rankings_to_topk(rankings: pa.Table, query_ids: Sequence[str], column: str = "score") -> TopK:
-    """The rankings of ``query_ids`` (in that order) as a :class:`TopK` in ``rank`` order, with the
-    scores of ``column``; lists shorter than the longest are padded. ``KeyError`` for a query
+def rankings_to_topk(rankings: pa.Table, query_ids: Sequence[str], column: str = "score",
+                     order: str = "rank") -> TopK:
+    """The rankings of ``query_ids`` (in that order) as a :class:`TopK` with the scores of
+    ``column``, in ``rank`` order or, with ``order="global"``, in the global search's order
+    (global score descending, then image id); shorter lists are padded. ``KeyError`` for a query
     without rows."""
-    ordered = rankings.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    keys = [("rank", "ascending")] if order == "rank" else [("global_score", "descending"), ("image_id", "ascending")]
+    ordered = rankings.sort_by([("query_id", "ascending"), *keys])
     qid = ordered.column("query_id").to_numpy(zero_copy_only=False).astype(str)
     ids = ordered.column("image_id").to_numpy(zero_copy_only=False).astype(str)
     values = ordered.column(column).to_numpy(zero_copy_only=False)
@@ -225,3 +228,34 @@ def evaluate_rankings(rankings: pa.Table, gt: dict, query_ids: Sequence[str], ks
 def per_query_ap(rankings: pa.Table, gt: dict, query_ids: Sequence[str], protocol: str) -> np.ndarray:
     """(n_queries,) AP of each query under ``protocol`` (NaN for a query without positives)."""
     return evaluate_per_query(revisitop_ranks(rankings, gt, query_ids), gt)[protocol]["ap"]
+
+
+def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | None = None,
+                    features: str | None = None, model_sha256: str | None = None) -> dict[str, dict[str, float]]:
+    """revisitop metrics (fractions) of the global network ``net`` on the (small) benchmark at
+    ``root``, in this process: queries cropped to their ``bbx`` and described here, database
+    descriptors read from the extraction output ``features`` (refused unless extracted by the
+    model of hash ``model_sha256``) or described here; full exact global rankings. Large
+    benchmarks go through ``cvnet evaluate`` (Ray) instead."""
+    from cvnet import storage
+    from cvnet.config import DEFAULT_SCALES
+    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
+    from cvnet.eval.revisitop import benchmark_name
+    from cvnet.features import read_descriptors
+    from cvnet.models.global_net import multiscale_descriptors
+
+    scales = scales or DEFAULT_SCALES
+    gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
+    queries = multiscale_descriptors(net, [load_query_image(root, gt, q) for q in range(len(gt["qimlist"]))], scales)
+    if features is None:
+        database = multiscale_descriptors(net, [load_image(root, n) for n in gt["imlist"]], scales)
+        ids = list(gt["imlist"])
+    else:
+        ids, database = read_descriptors(features, model_sha256=model_sha256)
+        missing = set(gt["imlist"]) - set(ids)
+        if missing:
+            raise KeyError(f"{storage.redact(features)}: no descriptor for database image {sorted(missing)[0]!r} "
+                           f"({len(missing)} missing)")
+    query_ids = list(gt["qimlist"])
+    ranking = global_search(Descriptors(queries, query_ids), Descriptors(database, ids), len(ids), exclude_self=False)
+    return evaluate_rankings(fuse(ranking, None), gt, query_ids)

@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "train-rerank": "jobs.train_rerank",
     "evaluate": "jobs.evaluate",
     "rerank": "jobs.rerank",
+    "evaluate-gldv2": "jobs.evaluate_gldv2",
+    "report": "jobs.report",
     "promote": "jobs.promote",
     "rollback": "jobs.rollback",
     "submit": "jobs.submit",

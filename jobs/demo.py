@@ -40,7 +40,7 @@ def db_manifest(bench: str, uri: str) -> str:
 
     from cvnet.data.manifest import write_manifest
     from cvnet.data.revisitop import revisitop_manifest
-    from jobs.evaluate import benchmark_name
+    from cvnet.eval.revisitop import benchmark_name
 
     table = revisitop_manifest(bench, benchmark_name(bench))
     write_manifest(table.filter(pc.equal(table["split"], "db")), uri)
@@ -52,7 +52,7 @@ def extract_and_evaluate(net, model_uri: str, bench: str, manifest: str, output:
     """Database descriptors through the extraction pipeline, then revisitop metrics."""
     from cvnet.config import ExtractConfig
     from cvnet.storage import file_sha256
-    from jobs.evaluate import evaluate_global
+    from cvnet.retrieval import evaluate_global
     from pipelines.extract import run_extract
 
     run_extract(ExtractConfig(manifest=manifest, model=model_uri, output=output, scales=scales,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from cvnet import storage
     from cvnet.training.steps import build_global_net
     from jobs.config import TrainGlobalConfig, load_config
-    from jobs.evaluate import format_table
+    from cvnet.eval.revisitop import format_table
     from jobs.train_global import eval_metrics, export_model, train
 
     started = time.monotonic()

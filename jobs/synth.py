@@ -21,11 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distractors", type=int, default=350, help="extra database images")
     parser.add_argument("--size", type=int, default=256, help="long side of the images, pixels")
     parser.add_argument("--name", default="roxsynth", help="revisitop dataset name")
+    parser.add_argument("--distractor-set", type=int, default=None, metavar="N",
+                        help="instead: write N synthetic distractor images + distractors.parquet (R1M-style, "
+                             "for cvnet evaluate --distractors; same --seed as the benchmark for look-alikes)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the collection and print its summary as JSON."""
+    """Generate the collection (or a distractor set) and print its summary as JSON."""
     from cvnet.data.synthetic import generate
+
+    if args.distractor_set is not None:
+        from cvnet.data.synthetic_distractors import generate_distractors
+
+        manifest = generate_distractors(args.out, args.distractor_set, seed=args.seed, size=args.size)
+        print(json.dumps({"out": args.out, "manifest": manifest, "distractors": args.distractor_set}))
+        return 0
 
     summary = generate(args.out, seed=args.seed, landmarks=args.landmarks,
                        images_per_landmark=args.images_per_landmark, queries=args.queries,

@@ -61,8 +61,8 @@ def train(cfg: Any) -> TrainOutcome:
 
     from cvnet import storage
     from cvnet.registry import register_model
+    from cvnet.retrieval import evaluate_global
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
-    from jobs.evaluate import evaluate_global
     from pipelines.train_global import fit_stage1, load_trained_net
     from pipelines.training import NAME_TAG, find_training_run, publish_model
 

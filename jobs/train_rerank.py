@@ -63,18 +63,20 @@ def evaluate_rerank(model: Any, root: str, k: int = 100, scales: Sequence[float]
     removed first, scored with that protocol)."""
     from cvnet import storage
     from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, load_image, load_query_image
+    from cvnet.eval.revisitop import benchmark_name
+    from cvnet.models.global_net import multiscale_descriptors
     from cvnet.retrieval import evaluate_rankings, global_search, protocol_junk, retrieve
     from cvnet.search import Descriptors
-    from jobs.evaluate import benchmark_name, database_descriptors, query_descriptors
 
     gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
     queries, names = list(gt["qimlist"]), list(gt["imlist"])
-    ranking = global_search(Descriptors(query_descriptors(model.encoder_q, root, gt, scales), queries),
-                            Descriptors(database_descriptors(model.encoder_q, root, gt, scales), names),
+    query_images = [load_query_image(root, gt, i) for i in range(len(queries))]
+    images = [load_image(root, n) for n in names]
+    ranking = global_search(Descriptors(multiscale_descriptors(model.encoder_q, query_images, scales), queries),
+                            Descriptors(multiscale_descriptors(model.encoder_q, images, scales), names),
                             len(names))
-    query_features = {q: model.rerank_features(load_query_image(root, gt, i))
-                      for i, q in enumerate(queries)}
-    gallery_features = {n: model.rerank_features(load_image(root, n)) for n in names}
+    query_features = {q: model.rerank_features(image) for q, image in zip(queries, query_images)}
+    gallery_features = {n: model.rerank_features(image) for n, image in zip(names, images)}
     score = lambda query, keys: model.match_probability(query, keys)  # noqa: E731
     results = {"global": evaluate_rankings(retrieve(ranking, k, None), gt, queries)}
     if "topk" in rules:

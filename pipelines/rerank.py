@@ -67,7 +67,7 @@ class RerankResult:
 def rankings_settings(cfg: RerankConfig, gallery: Table, model_sha: str) -> dict:
     """What determines the numbers of a rankings table (a resumed run must match them)."""
     return {"model_sha256": model_sha, "gallery": storage.redact(cfg.gallery), "gallery_version": gallery.version,
-            "k": cfg.k, "depth": depth_of(cfg), "weight": cfg.weight, "index": cfg.index, "precision": cfg.precision,
+            "k": cfg.k if cfg.rerank else 0, "depth": depth_of(cfg), "weight": cfg.weight, "index": cfg.index, "precision": cfg.precision,
             **({"nlist": cfg.nlist, "nprobe": cfg.nprobe} if cfg.index != "flat" else {}),
             **({"pq_m": cfg.pq_m} if cfg.index == "ivfpq" else {})}
 
@@ -232,10 +232,13 @@ def wave_probabilities(cfg: RerankConfig, gallery: Table, shortlist: TopK, query
 
 
 def _query_inputs(cfg: RerankConfig, ids: list[str], version: int) -> tuple[np.ndarray, dict[str, bytes]]:
-    """The wave's query descriptors and rerank features (bytes, for the object store)."""
+    """The wave's query descriptors and rerank features (bytes, for the object store; none
+    without re-ranking)."""
     uri = cfg.queries or cfg.gallery
     table = features.open_features(uri, version)
     vectors = features.descriptors_of(table.take(ids, ["image_id", "descriptor"]))
+    if not cfg.rerank:
+        return vectors, {}
     if not table.settings.get("rerank_features"):
         raise ValueError(f"queries: {storage.redact(uri)} was extracted without rerank features "
                          "(extract the queries with --rerank-features)")
@@ -273,9 +276,11 @@ def run_rerank(cfg: RerankConfig) -> RerankResult:
             ranking, recall = wave_search(cfg, gallery, wave, vectors)
             if recall is not None:
                 recalls.append(recall)
-            probabilities, images = wave_probabilities(cfg, gallery, ranking, query_features)
-            result.pairs += int(np.isfinite(probabilities).sum())
-            result.images += images
+            probabilities = None
+            if cfg.rerank:
+                probabilities, images = wave_probabilities(cfg, gallery, ranking, query_features)
+                result.pairs += int(np.isfinite(probabilities).sum())
+                result.images += images
             rankings = fuse(ranking, probabilities, cfg.weight)
             for q0 in range(0, len(wave), cfg.commit_queries):
                 chunk = wave[q0: q0 + cfg.commit_queries]

@@ -200,3 +200,25 @@ def test_gldv2_ap_cutoff_at_100():
     assert average_precision_at_k(perfect, relevant) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="without relevant"):
         average_precision_at_k(["a"], set())
+
+
+def test_evaluate_gldv2_cli_scores_a_committed_rankings_table(tmp_path, capsys):
+    """cvnet evaluate-gldv2 reads a rankings table (cvnet.retrieval contract) and the solution CSV."""
+    import json
+
+    from cvnet.retrieval import RANKINGS_SCHEMA, fuse
+    from cvnet.search import TopK
+    from cvnet.tables import TableWriter, open_or_create, write_table_fragments
+    from jobs.cli import main
+
+    ranking = TopK(np.array(["tq1", "tq2", "tq3"]), np.array([["ia1", "ib2"], ["ic3", "ia1"], ["ia1", "ic3"]]),
+                   np.array([[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]], np.float32))
+    uri = str(tmp_path / "rankings")
+    writer = TableWriter(open_or_create(uri, RANKINGS_SCHEMA, "rankings", "query_id", {}), None)
+    writer.commit(write_table_fragments(uri, fuse(ranking, None)), ["tq1", "tq2", "tq3"])
+    solution = tmp_path / "retrieval_solution_v2.1.csv"
+    solution.write_text("id,images,Usage\ntq1,ib2,Public\ntq2,ic3 ia1,Private\ntq3,None,Ignored\ntq4,ia1,Private\n")
+    assert main(["evaluate-gldv2", "--rankings", uri, "--solution", str(solution), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    # tq1: ib2 at rank 2 -> 1/2; tq2: both hits -> 1; tq4 has no prediction -> 0
+    assert got == pytest.approx({"Public": 0.5, "Private": 0.5})

@@ -194,3 +194,55 @@ def test_killed_driver_then_rerun_every_query_once(ray_local, bench, tmp_path):
     run = next(r for r in runs if r.info.status == "FINISHED")
     assert run.data.metrics["queries"] == 4 - len(before)
     assert int(run.data.params["rankings_version_read"]) >= 2
+
+
+def _evaluate(bench, tmp_path, *extra: str) -> dict:
+    import json
+
+    from jobs.cli import build_parser
+
+    args = ["evaluate", "--benchmark", bench["root"], "--model", bench["model_uri"], "--rerank",
+            "--k", str(K), "--store", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--json", *extra]
+    parsed = build_parser().parse_args(args)
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert parsed._run(parsed) == 0
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_pipeline_with_distractors(bench, tmp_path, capsys):
+    """Global mAP from the pipeline equals the in-process evaluate_global; the re-ranked metrics
+    exist under both shortlist rules; added distractors lower global mAP (numbers printed)."""
+    from cvnet.data.synthetic_distractors import generate_distractors
+    from cvnet.retrieval import evaluate_global
+
+    plain = _evaluate(bench, tmp_path)
+    assert set(plain) == {"global", "rerank_topk", "rerank_gt_aware"}
+    direct = evaluate_global(load_model(bench["model_uri"]).encoder_q, bench["root"])
+    for protocol, scores in direct.items():
+        assert plain["global"][protocol]["map"] == pytest.approx(scores["map"], abs=1e-6)
+    manifest = generate_distractors(str(tmp_path / "distractors"), 12, seed=3, size=64)
+    with_d = _evaluate(bench, tmp_path, "--distractors", manifest)
+    assert with_d["global"]["medium"]["map"] < plain["global"]["medium"]["map"]
+    with capsys.disabled():
+        for name, res in (("plain", plain), ("+12 distractors", with_d)):
+            print(f"\n{name}: " + "; ".join(f"{label} E/M/H mAP " + "/".join(f"{100 * res[label][p]['map']:.1f}"
+                                                                          for p in ("easy", "medium", "hard"))
+                                            for label in res))
+
+
+@pytest.mark.gpu
+def test_gpu_actors_match_the_cpu_rankings(ray_local, bench, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or not ray_local.cluster_resources().get("GPU"):
+        pytest.skip("needs a CUDA device visible to Ray")
+    cpu = _rankings(run_rerank(_cfg(bench, tmp_path / "cpu")).output)
+    gpu = _rankings(run_rerank(_cfg(bench, tmp_path / "gpu", actor_gpus=0.5)).output)
+    assert gpu["image_id"].equals(cpu["image_id"])
+    np.testing.assert_allclose(gpu["score"].to_numpy(), cpu["score"].to_numpy(), atol=1e-4)

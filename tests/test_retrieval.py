@@ -133,3 +133,24 @@ def test_rankings_to_topk_round_trip():
     back = rankings_to_topk(fuse(ranking, None), ["y", "x"], column="global_score")
     assert back.ids.tolist() == ranking.ids[::-1].tolist()
     np.testing.assert_array_equal(back.scores, ranking.scores[::-1])
+
+
+def test_key_major_probability_equals_match_probability_per_query():
+    """One gallery image against queries of two sizes in one call == match_probability per pair."""
+    import torch
+
+    from cvnet.models.cvnet import CVNet
+    from cvnet.models.rerank import compute_rerank_features, match_probability
+    from cvnet.models.synthetic_weights import synthetic_state_dict
+    from cvnet.retrieval import key_major_probability
+
+    model = CVNet(50)
+    model.load_state_dict(synthetic_state_dict("r50", 0))
+    rng = np.random.default_rng(0)
+    feat = lambda h, w: compute_rerank_features(  # noqa: E731
+        torch.from_numpy(rng.standard_normal((1024, h, w)).astype(np.float32)), model.conv2ds)
+    key, queries = feat(6, 8), [feat(5, 7), feat(6, 8), feat(5, 7), feat(4, 4)]
+    got = key_major_probability(model.cv_learner, key, queries, batch_size=1 << 20)
+    want = np.array([match_probability(model.cv_learner, q, [key])[0] for q in queries])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.std() > 1e-4  # the queries really score differently

@@ -85,3 +85,16 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     """One line per protocol, in percent as papers report them."""
     return "\n".join(f"{p:<6} " + "  ".join(f"{k}={100 * v:.2f}" for k, v in scores.items())
                      for p, scores in results.items())
+
+
+def benchmark_name(root: str) -> str:
+    """The dataset name of a revisitop folder: its last path component (``gnd_<name>.pkl``)."""
+    return root.rstrip("/").rsplit("/", 1)[-1]
+
+
+def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A Markdown table of mAP (x100) per labelled result: Easy / Medium / Hard."""
+    lines = ["| model | Easy mAP | Medium mAP | Hard mAP |", "| --- | --- | --- | --- |"]
+    for name, res in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * res[p]['map']:.2f}" for p in PROTOCOLS) + " |")
+    return "\n".join(lines)
