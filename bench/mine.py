@@ -5,7 +5,11 @@ Every image is a query against every image (all-vs-all), excluding its own landm
     and self hits dropped (the common recipe; also scored as if k' were capped at faiss-GPU's 2048);
 (b) numpy fp32 blocks: a block of queries against the whole gallery, the excluded pairs masked,
     top-k by (score, id) with ``partition`` (the definition, written plainly);
-(c) ours, ``cvnet.search.search`` (``run_ours``; the Ray-actor rows call it per query shard).
+(c) ours, ``cvnet.search.search`` in this process (``run_ours``), and ``cvnet mine`` itself
+    (``pipelines.mine.run_mine``: Ray Data actors on query shards, the gallery in the object
+    store, the table committed) at 1 and 2 actors sharing the same cores; the features table is
+    written first, outside the timing. Peak MiB of an actor row: the largest peak RSS of an actor
+    process (it counts the object-store gallery pages the actor touched, shared by all actors).
 The reference for the mismatch counts: (b)'s top k + 16 re-scored in numpy float64 (rounded to
 float32) and sorted by (score, id), the order that cvnet.search defines.
 All rows run here on the same cores, one after another. Peak MiB is the process's peak RSS growth
@@ -15,6 +19,12 @@ the measured FLOP rate. Usage: python bench/mine.py [--n 20000] [--d 2048] [--k 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -106,6 +116,52 @@ def run_ours(queries: Descriptors, gallery: Descriptors, k: int, threads: int, p
     return search(queries, gallery, k, precision=precision)
 
 
+def _actor_peaks(stop: threading.Event, peaks: dict[int, float]) -> None:
+    """Poll the peak RSS (VmHWM, MiB) of every MineActor process until ``stop``."""
+    while not stop.wait(0.2):
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if b"MineActor" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    status = Path(f"/proc/{entry}/status").read_text()
+                    peaks[int(entry)] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+            except (OSError, IndexError):
+                continue
+
+
+def run_ray(data: Descriptors, k: int, actors: int, threads: int, features_uri: str) -> tuple[TopK, float, float]:
+    """(c) ``cvnet mine`` on ``actors`` Ray actors of ``threads // actors`` cores each:
+    (result in ``data`` order, wall seconds, peak MiB of the largest actor)."""
+    from cvnet import mining
+    from cvnet.config import MineConfig
+    from cvnet.tables import Table
+    from pipelines.mine import run_mine
+
+    output = tempfile.mkdtemp(prefix="bench-mine-")
+    cfg = MineConfig(features=features_uri, output=output, keep=k, k=k, num_actors=actors,
+                     actor_cpus=max(1, threads // actors), query_rows=1024, shard_size=8192)
+    stop, peaks = threading.Event(), {}
+    poller = threading.Thread(target=_actor_peaks, args=(stop, peaks), daemon=True)
+    poller.start()
+    started = time.perf_counter()
+    run_mine(cfg)
+    wall = time.perf_counter() - started
+    stop.set()
+    poller.join()
+    rows = Table.open(os.path.join(output, mining.TABLE)).take(list(data.ids))
+    result = mining.stored_topk(list(data.ids), rows.column("negative_ids").to_pylist(),
+                                rows.column("negative_scores").to_pylist(), k)
+    return result, wall, max(peaks.values(), default=float("nan"))
+
+
+def write_features(data: Descriptors, folder: str) -> str:
+    """``data`` as a committed features table (what ``cvnet extract`` would have written)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from mine_data import write_features as write
+
+    write(folder, list(data.ids), data.vectors, list(data.landmarks))
+    return folder
+
+
 def gemm_rate(data: Descriptors, threads: int, precision: str, rows: int = 1024) -> float:
     """FLOP/s of the bare tile matmuls of (c) (``rows`` queries against the whole gallery, default
     tiles, no exclusions, no top-k), measured right after the (c) row to share its machine load."""
@@ -139,6 +195,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=2048, help="query block of (a) and (b)")
     parser.add_argument("--precisions", default="fp32,bf16", help="(c) modes; non-fp32 rows report recall@k")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time cvnet mine on 1 and 2 Ray actors (needs --d 2048)")
     args = parser.parse_args()
     data = make_data(args.n, args.d, args.largest_class, args.seed)
     flop = 2 * args.d * args.n**2
@@ -160,6 +218,16 @@ def main() -> None:
             c = measure(lambda: run_ours(data, data, args.k, threads, precision), 1, trim_heap=True)
             timed[(precision, threads)] = (f"(c) ours, {precision}", threads, c.wall, c.growth_mib, c.result)
             gemm[precision, threads] = gemm_rate(data, threads, precision)
+    if args.d == 2048 and args.ray:
+        import ray
+
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        features_uri = write_features(data, tempfile.mkdtemp(prefix="bench-features-"))
+        for actors in sorted({1, min(2, args.threads)}):
+            result, wall, peak = run_ray(data, args.k, actors, args.threads, features_uri)
+            timed[("ray", actors)] = (f"(c) cvnet mine, {actors} Ray actor(s) x {args.threads // actors} cores",
+                                      args.threads, wall, peak, result)
+        ray.shutdown()
 
     base_wall = timed["a"][2]
     print(f"\nall-vs-all mining, n={args.n}, d={args.d}, k={args.k}, largest landmark {args.largest_class} images; "

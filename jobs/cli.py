@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "synth": "jobs.synth",
     "manifest": "jobs.manifest",
     "extract": "jobs.extract",
+    "mine": "jobs.mine",
+    "audit-overlap": "jobs.audit_overlap",
     "train-global": "jobs.train_global",
     "train-rerank": "jobs.train_rerank",
     "evaluate": "jobs.evaluate",
