@@ -407,3 +407,35 @@ class AuditOverlapConfig(Section):
     lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
     experiment: str = Field("audit-overlap", description="MLflow experiment")
+
+
+# ---- refresh ---------------------------------------------------------------------------------
+
+class PromoteSection(Section):
+    metric: str = Field("rerank_gt_aware_medium_map", description="evaluation metric the gate compares "
+                                                                  "(<label>_<protocol>_<metric>, x100)")
+    min_gain: float = Field(0.0, description="champion moves when the candidate beats it by at least this")
+
+
+class RefreshConfig(Section):
+    """``cvnet refresh``: extract new images -> re-mine -> retrain stage 2 -> evaluate -> gate.
+
+    ``extract`` / ``mine`` / ``train`` / ``evaluate`` are keys of the step's own config
+    (ExtractConfig, MineConfig, TrainRerankConfig, EvaluateConfig), minus those the refresh sets."""
+
+    manifests: list[str] = Field(..., min_length=1, description="image manifests of the collection (the current ones)")
+    benchmark: str = Field(..., description="revisitop benchmark folder the candidate and champion are evaluated on")
+    global_model: str = Field("models:/cvnet-global@champion", description="global model (pinned to one version)")
+    rerank_model: str = Field("models:/cvnet-rerank@champion", description="re-ranker fine-tuned from and gated against")
+    register_as: str = Field("cvnet-rerank", description="registered model name of the candidate")
+    promote: PromoteSection = PromoteSection()
+    extract: dict[str, Any] = Field({}, description="ExtractConfig keys of the extraction step")
+    mine: dict[str, Any] = Field({}, description="MineConfig keys of the mining step")
+    train: dict[str, Any] = Field({}, description="TrainRerankConfig keys of stage 2 (data.root at least)")
+    evaluate: dict[str, Any] = Field({}, description="EvaluateConfig keys of the evaluation step")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds the refresh lease lives unless renewed")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("refresh", description="MLflow experiment")

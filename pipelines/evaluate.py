@@ -25,6 +25,7 @@ from cvnet.config import EvaluateConfig, ExtractConfig, RerankConfig
 from cvnet.data.manifest import read_manifest, write_manifest
 from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, revisitop_manifest
 from cvnet.eval.revisitop import benchmark_name
+from cvnet.registry import resolve_checkpoint
 from cvnet.retrieval import TopK, evaluate_rankings, fuse, protocol_junk, rankings_to_topk, remove_junk
 from cvnet.tables import Table
 from pipelines.extract import run_extract
@@ -120,7 +121,7 @@ def gt_aware_metrics(rcfg: RerankConfig, rankings: pa.Table, gt: dict) -> dict[s
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Extract, rank and score one benchmark on Ray (Ray must be initialised)."""
-    model_sha = storage.file_sha256(cfg.model)
+    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))  # paths, URIs and models:/ URIs
     folder = eval_folder(cfg, model_sha)
     gt = load_ground_truth(storage.join(cfg.benchmark, f"gnd_{benchmark_name(cfg.benchmark)}.pkl"))
     gallery, queries, written = extract_benchmark(cfg, folder)

@@ -34,6 +34,7 @@ import ray
 from cvnet import features, storage
 from cvnet.config import RerankConfig
 from cvnet.models.rerank import RerankFeatures
+from cvnet.registry import resolve_checkpoint
 from cvnet.retrieval import RANKINGS_SCHEMA, TopK, fuse, key_major_probability
 from cvnet.search import Descriptors, merge, recall_at_k, search
 from cvnet.tables import Lease, Table, TableWriter, open_or_create
@@ -253,7 +254,7 @@ def default_output(cfg: RerankConfig) -> str:
 def run_rerank(cfg: RerankConfig) -> RerankResult:
     """Run (or resume) one re-ranking job into its rankings table; Ray must be initialised."""
     started = time.monotonic()
-    model_sha = storage.file_sha256(cfg.model)
+    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))  # paths, URIs and models:/ URIs
     gallery = features.open_features(cfg.gallery, model_sha256=model_sha)
     queries = features.open_features(cfg.queries, model_sha256=model_sha) if cfg.queries else gallery
     output = default_output(cfg)
