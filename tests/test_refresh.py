@@ -4,6 +4,7 @@ better: promoted, previous kept), nothing new, a kill mid-training then a resume
 refusing a second refresh, and ``cvnet submit refresh --period`` on a ``ray start --head`` cluster."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,7 +15,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
 
@@ -157,3 +157,85 @@ def test_the_gate_keeps_a_worse_champion_and_promotes_a_better_one(collection, c
     assert by_step["mine"].data.params["hard_negatives_version_written"] == str(second["mine"]["hard_negatives_version"])
     assert by_step["train"].data.params["input.hard_negatives.version"] == str(second["mine"]["hard_negatives_version"])
     assert "loss" in by_step["train"].data.metrics  # the training workers logged into the step's run
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        assert proc.poll() is None, f"the refresh ended (rc {proc.returncode}) before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_per_period(
+        collection, champions, mlflow_server, ray_local, ray_head, workdir, monkeypatch, caplog):
+    """A refresh is killed (SIGKILL) while training, after its first checkpoint; meanwhile a
+    second refresh of the store refuses, naming the holder and since when. The rerun resumes the
+    same refresh at the training step (from the checkpoint) and finishes with one registered
+    version. Then nothing is new: a refresh says so and exits 0 without a new refresh, and
+    ``cvnet submit refresh --period 1d`` runs once per period on a ``ray start --head`` cluster."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    from jobs import submit
+
+    store = workdir / "store"
+    cfg = _config(collection, champions, mlflow_server, store, ray_local.get_runtime_context().gcs_address,
+                  collection["manifests"][:1])
+    cfg["train"]["optim"]["max_steps"] = 8
+    command = _command(cfg, workdir)
+    with open(workdir / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            state = _wait_for(lambda: _state(store), first, "the refresh state")
+            checkpoints = store / "checkpoints" / f"refresh-{state['id']}"
+            _wait_for(lambda: list(checkpoints.glob("step_*/stage2_state.pt")), first, "a stage-2 checkpoint")
+            second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 3, second.stdout + second.stderr[-3000:]
+            assert f"pid {first.pid}) since " in second.stderr and "is held by cvnet refresh" in second.stderr
+            os.killpg(first.pid, signal.SIGKILL)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL  # the kill really happened
+    killed = _state(store)
+    assert killed["id"] == state["id"] and set(killed["steps"]) == {"extract", "mine"}  # killed in training
+
+    done, resumed = _refresh(cfg, workdir)
+    assert "resumed after the steps extract, mine" in done.stdout, done.stdout
+    assert resumed["id"] == state["id"] and resumed["done"]
+    assert resumed["steps"]["extract"] == killed["steps"]["extract"]  # not redone
+    assert resumed["steps"]["train"]["resumed_from"] and resumed["steps"]["train"]["step"] == 8
+    name = champions["rerank"]
+    client = MlflowClient(mlflow_server["url"])
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    assert [v.version for v in versions if v.tags.get("cvnet.refresh_id") == state["id"]] == ["2"]
+
+    done, after = _refresh(cfg, workdir)
+    assert "nothing new to do" in done.stdout and after["id"] == state["id"], done.stdout
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    caplog.set_level(logging.INFO, logger="cvnet.submit")
+    config = command[-1]
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    args = ["refresh", "--config", config, "--address", ray_head, "--period", "1d", "--wait"]
+    night = datetime(2026, 12, 1, 2, 0, tzinfo=timezone.utc)
+    for now in (night, night + timedelta(hours=20), night + timedelta(days=1)):
+        assert submit.run(parser.parse_args(args), now=now) == 0
+    assert "exists (SUCCEEDED); not submitting again" in caplog.text
+    prefix = submit.submission_id("refresh", ["--config", config]) + "-1d-"
+    jobs = JobSubmissionClient(ray_head)
+    ids = sorted(j.submission_id for j in jobs.list_jobs() if (j.submission_id or "").startswith(prefix))
+    assert ids == [prefix + "20261201T0000Z", prefix + "20261202T0000Z"]
+    assert all("nothing new to do" in jobs.get_job_logs(i) for i in ids)
