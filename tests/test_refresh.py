@@ -24,6 +24,20 @@ TRAIN = {"data": {"image_size": 64}, "optim": {"max_steps": 4, "batch_size": 2, 
          "log_every": 1, "hide_and_seek": {"grid": 2}}
 
 
+def test_step_sections_are_checked_before_any_work_and_name_the_key():
+    from cvnet.config import ConfigError, RefreshConfig, load_config
+    from pipelines.refresh import check_config
+
+    check_config(load_config(RefreshConfig, ROOT / "configs" / "refresh.yaml"))
+    base = {"manifests": ["m.parquet"], "benchmark": "b", "train": {"data": {"root": "r"}}}
+    for section, error in (({"extract": {"model": "x"}}, "extract.model: set by the refresh"),
+                           ({"mine": {"kep": 3}}, "mine.kep: Extra inputs"),
+                           ({"train": {"data": {"root": "r"}, "optim": {"lr": -1}}}, "train.optim.lr:"),
+                           ({"train": {}}, "train.data.root: the stage-2 training set is required")):
+        with pytest.raises(ConfigError, match=error):
+            check_config(RefreshConfig.model_validate(base | section))
+
+
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """A synthetic GLDv2 set (5 landmarks x 3 images, 64 px; 10 in train_clean), its benchmark
@@ -220,8 +234,10 @@ def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_pe
     assert sorted(v.version for v in versions) == ["1", "2"]
     assert [v.version for v in versions if v.tags.get("cvnet.refresh_id") == state["id"]] == ["2"]
 
+    assert "attaching to Ray" in done.stderr
     done, after = _refresh(cfg, workdir)
     assert "nothing new to do" in done.stdout and after["id"] == state["id"], done.stdout
+    assert "attaching to Ray" not in done.stderr  # decided before starting any heavy work
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
