@@ -28,7 +28,8 @@ def test_step_sections_are_checked_before_any_work_and_name_the_key():
     from cvnet.config import ConfigError, RefreshConfig, load_config
     from pipelines.refresh import check_config
 
-    check_config(load_config(RefreshConfig, ROOT / "configs" / "refresh.yaml"))
+    for shipped in ("refresh", "refresh-demo"):
+        check_config(load_config(RefreshConfig, ROOT / "configs" / f"{shipped}.yaml"))
     base = {"manifests": ["m.parquet"], "benchmark": "b", "train": {"data": {"root": "r"}}}
     for section, error in (({"extract": {"model": "x"}}, "extract.model: set by the refresh"),
                            ({"mine": {"kep": 3}}, "mine.kep: Extra inputs"),
