@@ -16,7 +16,7 @@ import torch
 
 from cvnet.config import TrainRerankConfig, load_config
 from test_train_global import swap_params_on_conversion  # noqa: F401  (fixture)
-from test_train_global import _optimizer_state_devices
+from test_train_global import _optimizer_state_devices, tiny_synth  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,17 +119,6 @@ def test_resume_on_gpu_then_a_step_runs():
 
 
 # ----------------------------------------------------------------------------- Ray Train (2 workers)
-
-@pytest.fixture(scope="module")
-def tiny_synth(tmp_path_factory):
-    """A small synthetic GLDv2 training set (6 landmarks x 4 images, 64 px)."""
-    from cvnet.data.synthetic import generate
-
-    out = tmp_path_factory.mktemp("synth") / "c"
-    generate(str(out), seed=3, landmarks=6, images_per_landmark=4, queries=5, distractors=0,
-             size=64)
-    return out / "gldv2"
-
 
 def write_negatives(uri: str, rows: pa.Table) -> int:
     """Commit a hard-negatives table (the DESIGN contract) with cvnet.tables; its version."""
