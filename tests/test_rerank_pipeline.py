@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from cvnet.tables import Table
 from pipelines.extract import run_extract
 from pipelines.rerank import run_rerank
 from ray_procs import actor_pids, raylet_pid
+from test_extract_pipeline import _versions, _wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "roxsynth"
@@ -121,21 +121,6 @@ def test_ivf_measures_recall_against_exact(bench, tmp_path):
     assert _rankings(result.output)["image_id"].equals(exact["image_id"])
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
-def _version(uri: str) -> int:
-    try:
-        return Table.open(uri).version
-    except FileNotFoundError:
-        return 0
-
-
 def _exactly_once(uri: str, bench) -> None:
     table = Table.open(uri).read()
     counts = pa.compute.value_counts(table["query_id"]).to_pylist()
@@ -151,7 +136,7 @@ def test_killed_actor_then_every_query_once(ray_local, bench, tmp_path):
     runner.start()
     node = raylet_pid(ray_local._private.worker._global_node)
     try:
-        _wait_for(lambda: _version(str(out)) >= 2, 180, "nothing committed")
+        _wait_for(lambda: _versions(str(out)) >= 2, 180, "nothing committed")
         _wait_for(lambda: actor_pids(node, b"RerankActor") or not runner.is_alive(), 60, "no actor")
         killed = actor_pids(node, b"RerankActor")
         assert killed and runner.is_alive(), "the kill must happen while the job runs"
@@ -175,7 +160,7 @@ def test_killed_driver_then_rerun_every_query_once(ray_local, bench, tmp_path):
                                ray_local.get_runtime_context().gcs_address],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for(lambda: _version(str(out)) >= 2, 240, "nothing committed")
+        _wait_for(lambda: _versions(str(out)) >= 2, 240, "nothing committed")
         assert driver.poll() is None, "the driver must be killed mid-run"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
