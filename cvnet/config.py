@@ -225,51 +225,6 @@ def describe_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, s
     return rows
 
 
-# ---- mine ------------------------------------------------------------------------------------
-
-class MineConfig(Section):
-    """``cvnet mine``: hard negatives of a features table (what to mine, and how to run it)."""
-
-    features: str = Field(..., description="extraction output URI (holds features.lance)")
-    manifest: str | None = Field(None, description="take landmark ids from this manifest, not the features")
-    k: int = Field(10, ge=1, description="negatives stage 2 draws per image by default (logged; recall@k)")
-    keep: int = Field(32, ge=1, description="negatives stored per image (top keep, best first)")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="tile precision: fp32 exact; fp16/bf16 choose candidates in half precision")
-    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
-    output: str | None = Field(None, description="mining output URI (None: <store>/mining/<features>-keep<keep>-<precision>)")
-    num_actors: int = Field(1, ge=1, description="search actors (query shards)")
-    actor_cpus: float = Field(1, gt=0, description="CPUs reserved per actor (and its torch threads)")
-    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
-    query_rows: int = Field(512, ge=1, description="queries per actor call")
-    gallery_block_rows: int = Field(262144, ge=1, description="gallery rows per object-store block "
-                                                              "(an actor holds one block at a time)")
-    memory_budget_mb: int = Field(512, ge=16, description="working memory of one search call, MiB (tiles)")
-    shard_size: int = Field(4096, ge=1, description="rows per commit")
-    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
-    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
-    experiment: str = Field("mine", description="MLflow experiment")
-
-
-# ---- audit-overlap ---------------------------------------------------------------------------
-
-class AuditOverlapConfig(Section):
-    """``cvnet audit-overlap``: benchmark images with near-copies among the training images."""
-
-    train: str = Field(..., description="training extraction output URI (holds features.lance)")
-    benchmark: str = Field(..., description="benchmark extraction output URI (queries and database)")
-    threshold: float = Field(0.9, description="flag training images scoring at least this (cosine)")
-    k: int = Field(5, ge=1, description="training matches listed per benchmark image at most")
-    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
-    output: str | None = Field(None, description="audit output URI (None: <store>/audits/<train>-v<version>-vs-<benchmark>)")
-    block_rows: int = Field(262144, ge=1, description="training rows searched at a time")
-    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
-    experiment: str = Field("audit-overlap", description="MLflow experiment")
-
-
 # ---- rerank / evaluate -----------------------------------------------------------------------
 
 class RerankConfig(Section):
@@ -407,3 +362,80 @@ class TrainRerankConfig(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     loader: LoaderSection = LoaderSection()
     eval: RerankEvalConfig = RerankEvalConfig()
+
+
+# ---- mine ------------------------------------------------------------------------------------
+
+class MineConfig(Section):
+    """``cvnet mine``: hard negatives of a features table (what to mine, and how to run it)."""
+
+    features: str = Field(..., description="extraction output URI (holds features.lance)")
+    manifest: str | None = Field(None, description="take landmark ids from this manifest, not the features")
+    k: int = Field(10, ge=1, description="negatives stage 2 draws per image by default (logged; recall@k)")
+    keep: int = Field(32, ge=1, description="negatives stored per image (top keep, best first)")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="tile precision: fp32 exact; fp16/bf16 choose candidates in half precision")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    output: str | None = Field(None, description="mining output URI (None: <store>/mining/<features>-keep<keep>-<precision>)")
+    num_actors: int = Field(1, ge=1, description="search actors (query shards)")
+    actor_cpus: float = Field(1, gt=0, description="CPUs reserved per actor (and its torch threads)")
+    actor_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
+    query_rows: int = Field(512, ge=1, description="queries per actor call")
+    gallery_block_rows: int = Field(262144, ge=1, description="gallery rows per object-store block "
+                                                              "(an actor holds one block at a time)")
+    memory_budget_mb: int = Field(512, ge=16, description="working memory of one search call, MiB (tiles)")
+    shard_size: int = Field(4096, ge=1, description="rows per commit")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("mine", description="MLflow experiment")
+
+
+# ---- audit-overlap ---------------------------------------------------------------------------
+
+class AuditOverlapConfig(Section):
+    """``cvnet audit-overlap``: benchmark images with near-copies among the training images."""
+
+    train: str = Field(..., description="training extraction output URI (holds features.lance)")
+    benchmark: str = Field(..., description="benchmark extraction output URI (queries and database)")
+    threshold: float = Field(0.9, description="flag training images scoring at least this (cosine)")
+    k: int = Field(5, ge=1, description="training matches listed per benchmark image at most")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    output: str | None = Field(None, description="audit output URI (None: <store>/audits/<train>-v<version>-vs-<benchmark>)")
+    block_rows: int = Field(262144, ge=1, description="training rows searched at a time")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds a run's lease on the output lives unless renewed")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("audit-overlap", description="MLflow experiment")
+
+
+# ---- refresh ---------------------------------------------------------------------------------
+
+class PromoteSection(Section):
+    metric: str = Field("rerank_gt_aware_medium_map", description="evaluation metric the gate compares "
+                                                                  "(<label>_<protocol>_<metric>, x100)")
+    min_gain: float = Field(0.0, description="champion moves when the candidate beats it by at least this")
+
+
+class RefreshConfig(Section):
+    """``cvnet refresh``: extract new images -> re-mine -> retrain stage 2 -> evaluate -> gate.
+
+    ``extract`` / ``mine`` / ``train`` / ``evaluate`` are keys of the step's own config
+    (ExtractConfig, MineConfig, TrainRerankConfig, EvaluateConfig), minus those the refresh sets."""
+
+    manifests: list[str] = Field(..., min_length=1, description="image manifests of the collection (the current ones)")
+    benchmark: str = Field(..., description="revisitop benchmark folder the candidate and champion are evaluated on")
+    global_model: str = Field("models:/cvnet-global@champion", description="global model (pinned to one version)")
+    rerank_model: str = Field("models:/cvnet-rerank@champion", description="re-ranker fine-tuned from and gated against")
+    register_as: str = Field("cvnet-rerank", description="registered model name of the candidate")
+    promote: PromoteSection = PromoteSection()
+    extract: dict[str, Any] = Field({}, description="ExtractConfig keys of the extraction step")
+    mine: dict[str, Any] = Field({}, description="MineConfig keys of the mining step")
+    train: dict[str, Any] = Field({}, description="TrainRerankConfig keys of stage 2 (data.root at least)")
+    evaluate: dict[str, Any] = Field({}, description="EvaluateConfig keys of the evaluation step")
+    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
+    lease_ttl_s: float = Field(60, gt=0, description="seconds the refresh lease lives unless renewed")
+    address: str | None = Field(None, description="Ray address (default RAY_ADDRESS, else a local Ray)")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (sets AWS_ENDPOINT_URL)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    experiment: str = Field("refresh", description="MLflow experiment")

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "report": "jobs.report",
     "promote": "jobs.promote",
     "rollback": "jobs.rollback",
+    "refresh": "jobs.refresh",
     "submit": "jobs.submit",
 }
 

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from conftest import free_port, stop_process, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,33 +80,6 @@ def test_cluster_job_with_remote_store_and_local_tracking_fails_fast(monkeypatch
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # what the driver of a Ray job has
     with pytest.raises(TrackingConfigError, match="s3://b/x"):
         resolve_tracking_uri("s3://b/x")
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A separate ``ray start --head`` cluster (own process group, stopped by its pid)."""
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray needs a short socket path
-    port, dash = free_port(), free_port()
-    # every fixed default port gets a free one: other Ray clusters may share this machine
-    extra = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-         "--disable-usage-stats", "--include-dashboard=true", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        wait_http(url + "/api/version", timeout=120)
-        yield url
-    finally:
-        stop_process(proc, timeout=5)
-        log.close()
-        subprocess.run(["rm", "-rf", temp], check=False)
 
 
 def test_submit_extract_runs_on_the_cluster(ray_head, tmp_path):

@@ -322,6 +322,7 @@ def test_worker_fault_resumes_from_checkpoint_on_s3_with_mlflow_server(
     assert {"loss_cls", "loss_con", "lr", "images_per_s"} <= set(run.data.metrics)
     version = client.get_model_version("cvnet-global", model_version)
     assert version.run_id == run_id
+    mlflow.set_tracking_uri(mlflow_server["url"])  # the registry of the job, not this process's default
     info = mlflow.models.get_model_info(f"models:/cvnet-global/{model_version}")
     assert "python_function" in info.flavors and info.signature is not None  # a real MLflow model
 

@@ -202,5 +202,6 @@ def test_worker_fault_resumes_same_order_equal_weights_s3_and_mlflow(
     assert set(m.step for m in client.get_metric_history(run_id, "loss")) == {1, 2, 3, 4}
     assert {"accuracy", "hard_share", "has_prob", "pairs_per_s"} <= set(run.data.metrics)
     assert client.get_model_version("cvnet-rerank", model_version).run_id == run_id
+    mlflow.set_tracking_uri(mlflow_server["url"])  # the registry of the job, not this process's default
     info = mlflow.models.get_model_info(f"models:/cvnet-rerank/{model_version}")
     assert "python_function" in info.flavors and info.signature is not None  # a real MLflow model
