@@ -32,14 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     from cvnet import storage
     from cvnet.eval.overlap import audit
-    from cvnet.tracking import mlflow_run, resolve_tracking_uri
+    from jobs.runtime import pipeline_run
 
-    store = cfg.store or storage.default_store()
-    with mlflow_run(cfg.experiment, resolve_tracking_uri(store, cfg.tracking_uri),
-                    run_name="audit-overlap", params=cfg.model_dump()):
+    with pipeline_run(cfg, "audit-overlap", ray=False):
         output, rows, versions = audit(cfg)
         flagged = sum(1 for lists in rows.column("train_ids").to_pylist() if lists)
-        mlflow.log_params(versions | {"output": storage.redact(output)})
+        mlflow.log_params(versions | {"audit_uri": storage.redact(output)})
         mlflow.log_metrics({"benchmark_images": rows.num_rows, "flagged": flagged})
     print(f"{flagged} of {rows.num_rows} benchmark images have a training image scoring >= {cfg.threshold}; "
           f"report: {storage.redact(storage.join(output, 'report.html'))}")

@@ -45,18 +45,13 @@ def run(args: argparse.Namespace) -> int:
     import mlflow
 
     from cvnet import storage
-    from cvnet.tracking import mlflow_run, resolve_tracking_uri
+    from jobs.runtime import log_tables, pipeline_run
     from pipelines.evaluate import run_evaluate
-    from pipelines.ray_runtime import init_ray
 
-    init_ray(cfg.address)
-    store = cfg.store or storage.default_store()
-    with mlflow_run(cfg.experiment, resolve_tracking_uri(store, cfg.tracking_uri), run_name="evaluate",
-                    params=cfg.model_dump()):
+    with pipeline_run(cfg, "evaluate"):
         result = run_evaluate(cfg)
-        mlflow.log_params({f"{n}_version_written": v for n, v in result.versions_written.items()}
-                          | {f"{n}_version_read": v for n, v in result.versions_read.items()}
-                          | {"rankings": storage.redact(result.rankings), "database_images": result.database_images})
+        log_tables(result.versions_read, result.versions_written, rankings=result.rankings)
+        mlflow.log_params({"database_images": result.database_images})
         mlflow.log_metrics({f"{label}_{protocol}_{name.replace('@', '_at_')}": value
                             for label, res in result.metrics.items() for protocol, scores in res.items()
                             for name, value in scores.items()})

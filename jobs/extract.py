@@ -10,7 +10,6 @@ resumes. One MLflow run per job, with the table versions read and written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from jobs.cli import entrypoint
@@ -28,23 +27,15 @@ def run(args: argparse.Namespace) -> int:
     from jobs.config import ExtractConfig, config_from_args
 
     cfg = config_from_args(ExtractConfig, args)
-    if cfg.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
     import mlflow
 
     from cvnet import storage
-    from cvnet.tracking import mlflow_run, resolve_tracking_uri
+    from jobs.runtime import log_tables, pipeline_run
     from pipelines.extract import run_extract
-    from pipelines.ray_runtime import init_ray
 
-    store = cfg.store or storage.default_store()
-    tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri, cfg.address)  # fails fast on a cluster
-    init_ray(cfg.address)
-    with mlflow_run(cfg.experiment, tracking_uri, run_name="extract", params=cfg.model_dump()):
+    with pipeline_run(cfg, "extract"):
         result = run_extract(cfg)
-        mlflow.log_params({f"{name}_version_read": v for name, v in result.versions_read.items()}
-                          | {f"{name}_version_written": v for name, v in result.versions_written.items()}
-                          | {"features_uri": storage.redact(result.output)})
+        log_tables(result.versions_read, result.versions_written, features=result.output)
         mlflow.log_metrics({"images_per_s": result.images_per_s, "images": result.images,
                             "bad_inputs": result.bad_inputs, "skipped": result.skipped,
                             "seconds": result.seconds})

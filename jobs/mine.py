@@ -10,7 +10,6 @@ One MLflow run per job: the settings, the table versions read and written, pairs
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from jobs.cli import entrypoint
@@ -30,23 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from jobs.config import config_from_args
 
     cfg = config_from_args(MineConfig, args)
-    if cfg.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
     import mlflow
 
     from cvnet import storage
-    from cvnet.tracking import mlflow_run, resolve_tracking_uri
+    from jobs.runtime import log_tables, pipeline_run
     from pipelines.mine import run_mine
-    from pipelines.ray_runtime import init_ray
 
-    store = cfg.store or storage.default_store()
-    init_ray(cfg.address)
-    with mlflow_run(cfg.experiment, resolve_tracking_uri(store, cfg.tracking_uri),
-                    run_name="mine", params=cfg.model_dump()):
+    with pipeline_run(cfg, "mine"):
         result = run_mine(cfg)
-        mlflow.log_params({f"{name}_version_read": v for name, v in result.versions_read.items()}
-                          | {f"{name}_version_written": v for name, v in result.versions_written.items()}
-                          | {"output": storage.redact(result.output)})
+        log_tables(result.versions_read, result.versions_written, hard_negatives=result.output)
         mlflow.log_metrics({"pairs_per_s": result.pairs_per_s, "pairs": result.pairs,
                             "full_pairs": result.full_pairs, "rows": result.rows,
                             "rows_incremental": result.plan.rows - len(result.plan.full),

@@ -10,7 +10,6 @@ a grown query table adds only its new queries. One MLflow run per job.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from jobs.cli import entrypoint
@@ -30,23 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from jobs.config import config_from_args
 
     cfg = config_from_args(RerankConfig, args)
-    if cfg.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
     import mlflow
 
     from cvnet import storage
-    from cvnet.tracking import mlflow_run, resolve_tracking_uri
-    from pipelines.ray_runtime import init_ray
+    from jobs.runtime import log_tables, pipeline_run
     from pipelines.rerank import run_rerank
 
-    store = cfg.store or storage.default_store()
-    init_ray(cfg.address)
-    with mlflow_run(cfg.experiment, resolve_tracking_uri(store, cfg.tracking_uri), run_name=cfg.name,
-                    params=cfg.model_dump()):
+    with pipeline_run(cfg, cfg.name):
         result = run_rerank(cfg)
-        mlflow.log_params({f"{name}_version_read": v for name, v in result.versions_read.items()}
-                          | {f"{name}_version_written": v for name, v in result.versions_written.items()}
-                          | {"output": storage.redact(result.output)})
+        log_tables(result.versions_read, result.versions_written, rankings=result.output)
         mlflow.log_metrics({"queries": result.queries, "skipped": result.skipped, "pairs": result.pairs,
                             "images": result.images, "queries_per_s": result.queries_per_s,
                             "seconds": result.seconds}
