@@ -298,7 +298,17 @@ def restore_tracking_uri():
 def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_tracking_uri):
     output = tmp_path / "out"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--manifest", dataset["manifest"], "--model", dataset["model_uri"], "--output", str(output),
+    # 24 more images than the module's set, so that the run is still going when it is killed
+    extra = write_set(tmp_path, 24, start=N_GOOD)
+    manifest = str(tmp_path / "more.parquet")
+    write_manifest(pa.Table.from_pylist(dataset["rows"] + extra), manifest)
+    model = dataset["model"]
+    reference = dict(dataset["reference"], **{
+        r["image_id"]: model.global_descriptor([cv2.imread(str(tmp_path / "img" / f"{r['image_id']}.jpg"))])[0]
+        for r in extra})
+    dataset = dict(dataset, reference=reference)
+    good, rows = N_GOOD + len(extra), N_ROWS + len(extra)
+    args = ["--manifest", manifest, "--model", dataset["model_uri"], "--output", str(output),
             "--shard-size", "2", "--part-rows", "1", "--tracking-uri", tracking, "--max-bad-fraction", "1"]
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(
@@ -315,14 +325,14 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_
         log.close()
     before = Table.open(features_uri)
     first = set(before.keys().to_pylist())
-    assert 1 <= len(first) < N_GOOD
+    assert 1 <= len(first) < good
     committed = len(first) + _rows(str(output / features.BAD_INPUTS))
 
     from jobs.cli import build_parser
 
     parsed = build_parser().parse_args(["extract", *args])
     assert parsed._run(parsed) == 0  # the dead driver's lease does not block the rerun
-    _check_output(str(output), dataset)
+    _check_output(str(output), dataset, good=good)
     # the rows committed before the crash are kept as they were (read at the old version)
     kept = Table.open(features_uri, before.version).read(["image_id", "descriptor"])
     now = Table.open(features_uri).take(kept.column("image_id").to_pylist(), ["image_id", "descriptor"])
@@ -332,7 +342,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("extract").experiment_id])
     run = next(r for r in runs if r.info.status == "FINISHED")
-    assert run.data.metrics["images"] == N_ROWS - committed
+    assert run.data.metrics["images"] == rows - committed
     assert run.data.metrics["images_per_s"] > 0
     assert int(run.data.params["features_version_read"]) == before.version
     assert not any("secret" in k.lower() for k in run.data.params)
