@@ -83,7 +83,7 @@ def main() -> None:
     from cvnet.config import TrainRerankConfig, load_config
     from cvnet.data.synthetic import generate
     from cvnet.models.checkpoints import load_model, save_checkpoint
-    from jobs.train_rerank import evaluate_rerank
+    from cvnet.retrieval import evaluate_rerank
     from pipelines.train_rerank import fit_stage2, initial_model, load_trained_model, pin_negatives
 
     started = time.monotonic()

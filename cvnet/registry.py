@@ -191,6 +191,15 @@ def gate(name: str, version: str, candidate_metrics: Mapping[str, float], metric
     return decision
 
 
+def find_version(name: str, tag: str, value: str, client: Any = None) -> str | None:
+    """The version of ``name`` tagged ``tag = value`` (registered by an earlier try of the same
+    job, so that a rerun does not register it twice), or None."""
+    for version in _client(client).search_model_versions(f"name = '{name}'"):
+        if version.tags.get(tag) == value:
+            return str(version.version)
+    return None
+
+
 def register_model(name: str, model_uri: str, tags: Mapping[str, Any] | None = None) -> str:
     """Register the logged MLflow model ``model_uri`` as a new version of ``name`` (created if
     needed); the version becomes ``challenger``, and ``champion`` when ``name`` has none.

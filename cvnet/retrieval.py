@@ -259,3 +259,43 @@ def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | N
     query_ids = list(gt["qimlist"])
     ranking = global_search(Descriptors(queries, query_ids), Descriptors(database, ids), len(ids), exclude_self=False)
     return evaluate_rankings(fuse(ranking, None), gt, query_ids)
+
+
+def evaluate_rerank(model: torch.nn.Module, root: str, k: int = DEFAULT_K, scales: Sequence[float] = (1.0,),
+                    rules: Sequence[str] = SHORTLISTS) -> dict[str, dict[str, dict[str, float]]]:
+    """revisitop results (fractions) of the CVNet ``model`` on the (small) benchmark at ``root``,
+    in this process: ``global`` retrieval and its top-``k`` re-ranked and fused under each
+    shortlist rule (``rerank_topk``: the raw top-k; ``rerank_gt_aware``: each protocol's junk
+    removed first, scored with that protocol). The labels are those of ``cvnet evaluate``."""
+    from cvnet import storage
+    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
+    from cvnet.eval.revisitop import benchmark_name
+    from cvnet.models.global_net import multiscale_descriptors
+
+    gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
+    queries, names = list(gt["qimlist"]), list(gt["imlist"])
+    query_images = [load_query_image(root, gt, i) for i in range(len(queries))]
+    images = [load_image(root, n) for n in names]
+    ranking = global_search(Descriptors(multiscale_descriptors(model.encoder_q, query_images, scales), queries),
+                            Descriptors(multiscale_descriptors(model.encoder_q, images, scales), names),
+                            len(names), exclude_self=False)
+    query_features = {q: model.rerank_features(image) for q, image in zip(queries, query_images)}
+    gallery_features = {n: model.rerank_features(image) for n, image in zip(names, images)}
+    score = model.match_probability
+    results = {"global": evaluate_rankings(retrieve(ranking, k, None), gt, queries)}
+    if "topk" in rules:
+        results["rerank_topk"] = evaluate_rankings(
+            retrieve(ranking, k, score, query_features, gallery_features), gt, queries)
+    if "gt-aware" in rules:
+        results["rerank_gt_aware"] = {p: evaluate_rankings(
+            retrieve(ranking, k, score, query_features, gallery_features, junk=protocol_junk(gt, p)),
+            gt, queries, protocols=[p])[p] for p in PROTOCOLS}
+    return results
+
+
+def flat_metrics(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """``<label>_<protocol>_<metric>`` x100 (``mp@10`` -> ``mp_at_10``) from results by label
+    (``global``, ``rerank_topk``, ``rerank_gt_aware``): the names logged to MLflow, tagged on
+    registered versions and compared by the promotion gate."""
+    return {f"{label}_{protocol}_{name.replace('@', '_at_')}": 100 * value
+            for label, res in results.items() for protocol, scores in res.items() for name, value in scores.items()}

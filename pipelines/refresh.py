@@ -34,7 +34,7 @@ from cvnet import features, mining, storage
 from cvnet.config import (ConfigError, EvaluateConfig, ExtractConfig, MineConfig, RefreshConfig,
                           TrainRerankConfig)
 from cvnet.data.manifest import read_manifest
-from cvnet.registry import gate, pin_version, register_model, resolve_checkpoint
+from cvnet.registry import find_version, gate, pin_version, register_model, resolve_checkpoint
 from cvnet.tables import Lease, NotCommitted, Table
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,6 @@ def _versions(result: Any) -> dict[str, int]:
             | {f"{n}_version_written": v for n, v in result.versions_written.items()})
 
 
-def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
-    """``<label>_<protocol>_<metric>`` x100 (``mp@10`` -> ``mp_at_10``) from evaluation results."""
-    return {f"{label}_{protocol}_{name.replace('@', '_at_')}": 100 * value
-            for label, res in metrics.items() for protocol, scores in res.items() for name, value in scores.items()}
-
-
 # ---- the steps ----------------------------------------------------------------------------------
 
 def _extract(cfg: RefreshConfig, state: RefreshState, store: str) -> dict[str, Any]:
@@ -219,8 +213,7 @@ def _mine(cfg: RefreshConfig, state: RefreshState, store: str) -> dict[str, Any]
 
 
 def _train(cfg: RefreshConfig, state: RefreshState, store: str, run_id: str, tracking_uri: str) -> dict[str, Any]:
-    from cvnet.models.checkpoints import save_checkpoint
-    from pipelines.train_rerank import fit_stage2, load_trained_model
+    from pipelines.train_rerank import export_rerank, fit_stage2, load_trained_model
 
     mined = state.steps["mine"]
     train = step_config(cfg, "train", name=f"refresh-{state.id}", store=store, tracking_uri=tracking_uri,
@@ -228,8 +221,8 @@ def _train(cfg: RefreshConfig, state: RefreshState, store: str, run_id: str, tra
                         negatives={"table": mined["hard_negatives"], "version": mined["hard_negatives_version"]})
     result = fit_stage2(train.model_dump(), run_id, tracking_uri)
     model_uri = storage.join(store, "models", f"refresh-{state.id}", "cvnet_rerank.pth")
-    save_checkpoint(load_trained_model(result.checkpoint_path), model_uri, {
-        "stage": "rerank", "step": result.step, "refresh_id": state.id, "init": state.pinned["rerank"]})
+    export_rerank(load_trained_model(result.checkpoint_path), model_uri,
+                  {"step": result.step, "refresh_id": state.id, "init": state.pinned["rerank"]})
     return {"checkpoint": model_uri, "step": result.step, "resumed_from": result.resumed_from,
             "input.hard_negatives": mined["hard_negatives"],
             "input.hard_negatives.version": mined["hard_negatives_version"], "input.model_init": state.pinned["rerank"]}
@@ -238,6 +231,7 @@ def _train(cfg: RefreshConfig, state: RefreshState, store: str, run_id: str, tra
 def _evaluate(cfg: RefreshConfig, state: RefreshState, store: str) -> dict[str, Any]:
     """Candidate and champion on the same benchmark (its ground truth's hash pinned in the state)."""
     from cvnet.eval.revisitop import benchmark_name
+    from cvnet.retrieval import flat_metrics
     from pipelines.evaluate import run_evaluate
 
     gnd = storage.join(cfg.benchmark, f"gnd_{benchmark_name(cfg.benchmark)}.pkl")
@@ -250,20 +244,12 @@ def _evaluate(cfg: RefreshConfig, state: RefreshState, store: str) -> dict[str, 
     return out
 
 
-def _registered(client: Any, name: str, refresh_id: str) -> str | None:
-    """The version of ``name`` registered by this refresh, if any."""
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get(REFRESH_TAG) == refresh_id:
-            return str(version.version)
-    return None
-
-
 def _register(cfg: RefreshConfig, state: RefreshState, client: Any) -> dict[str, Any]:
     import mlflow
 
     from cvnet.pyfunc import log_cvnet_model
 
-    version = _registered(client, cfg.register_as, state.id)
+    version = find_version(cfg.register_as, REFRESH_TAG, state.id, client)
     if version is None:
         logged = log_cvnet_model(state.steps["train"]["checkpoint"], "rerank")
         tags = {REFRESH_TAG: state.id, "step": state.steps["train"]["step"],

@@ -18,7 +18,7 @@ from cvnet.training.data import BatchLoader, Stage1Batches, global_batch, load_t
 from cvnet.training.steps import (Stage1State, build_global_net, build_stage1, center_head,
                                   set_train_mode, train_step)
 from pipelines import training
-from pipelines.training import CheckpointFiles, FitResult
+from pipelines.training import CheckpointFiles, FitResult, TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +85,24 @@ def load_trained_net(checkpoint_path: str) -> torch.nn.Module:
     net = build_global_net(meta["depth"], 0)
     net.load_state_dict(submodule_state(training.read_state(checkpoint_path, FILES)["model"], "net."))
     return net.eval()
+
+
+def export_global(net: torch.nn.Module, uri: str, metadata: dict[str, Any]) -> None:
+    """Save a global network as a CVNet checkpoint (its re-ranker at the default init)."""
+    from cvnet.models.checkpoints import save_checkpoint
+    from cvnet.models.cvnet import CVNet
+
+    model = CVNet(net.depth)
+    model.encoder_q.load_state_dict(net.state_dict())
+    save_checkpoint(model, uri, {"stage": "global", "rerank": "untrained", **metadata})
+
+
+def train_global(cfg: Any) -> TrainOutcome:
+    """``cvnet train-global``: train (or resume) per ``cfg`` (a TrainGlobalConfig), export to
+    ``<store>/models/<name>/cvnet_global.pth``, evaluate on ``cfg.eval.benchmark`` (global
+    mAP), register as ``cfg.register_as``."""
+    from cvnet.retrieval import evaluate_global, flat_metrics
+
+    return training.train_and_publish(
+        cfg, "global", fit_stage1, load_trained_net, export_global,
+        lambda net: flat_metrics({"global": evaluate_global(net, cfg.eval.benchmark, cfg.eval.scales)}))

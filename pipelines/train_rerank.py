@@ -26,7 +26,7 @@ from cvnet.training.rerank_data import RerankBatches, RerankImages, pair_maps
 from cvnet.training.rerank_step import MapBatch, PairScorer, freeze_backbone, rerank_step
 from cvnet.training.steps import warmup_cosine
 from pipelines import training
-from pipelines.training import CheckpointFiles, FitResult
+from pipelines.training import CheckpointFiles, FitResult, TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +195,35 @@ def load_trained_model(checkpoint_path: str) -> CVNet:
     model = initial_model(meta)
     PairScorer.of(model).load_state_dict(training.read_state(checkpoint_path, FILES)["scorer"])
     return model.eval()
+
+
+def export_rerank(model: CVNet, uri: str, metadata: dict[str, Any]) -> None:
+    """Save a CVNet with a trained re-ranker as a CVNet checkpoint."""
+    from cvnet.models.checkpoints import save_checkpoint
+
+    save_checkpoint(model, uri, {"stage": "rerank", **metadata})
+
+
+def input_params(cfg: dict[str, Any]) -> dict[str, str]:
+    """The inputs of a run (training data, hard-negatives table and its version, initial model)
+    as MLflow params."""
+    neg = cfg["negatives"]
+    params = {"input.train": cfg["data"]["root"], "input.model_init": str(cfg["model"]["init"])}
+    if neg["table"]:
+        params |= {"input.hard_negatives": neg["table"], "input.hard_negatives.version": str(neg["version"])}
+    return params
+
+
+def train_rerank(cfg: Any) -> TrainOutcome:
+    """``cvnet train-rerank``: train (or resume) per ``cfg`` (a TrainRerankConfig) with the
+    hard negatives' version pinned, export to ``<store>/models/<name>/cvnet_rerank.pth``,
+    evaluate on ``cfg.eval.benchmark`` (global and re-ranked, both shortlist rules), register as
+    ``cfg.register_as``."""
+    from cvnet.retrieval import evaluate_rerank, flat_metrics
+
+    loop_cfg = pin_negatives(cfg.model_dump())
+    return training.train_and_publish(
+        cfg, "rerank", fit_stage2, load_trained_model,
+        lambda model, uri, meta: export_rerank(model, uri, {**meta, "init": cfg.model.init}),
+        lambda model: flat_metrics(evaluate_rerank(model, cfg.eval.benchmark, cfg.eval.k, cfg.eval.scales)),
+        loop_cfg, input_params(loop_cfg))

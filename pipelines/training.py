@@ -307,6 +307,7 @@ def read_state(checkpoint_path: str, files: CheckpointFiles) -> dict[str, Any]:
 
 
 NAME_TAG = "cvnet.train_name"
+TRAINED_TAG = "cvnet.trained"  # on a registered version: "<MLflow run id>/<step>"
 
 
 def find_training_run(mlflow: Any, experiment: str, name: str) -> str | None:
@@ -333,3 +334,70 @@ def publish_model(save: Callable[[str], None], model_uri: str, kind: str) -> Any
         with open(local, "rb") as f:
             storage.put_atomic(model_uri, f.read())
         return log_cvnet_model(local, kind)
+
+
+@dataclass
+class TrainOutcome:
+    """What a training job produced: its MLflow run, the exported model and its evaluation."""
+
+    run_id: str
+    tracking_uri: str
+    model_uri: str  # <store>/models/<name>/cvnet_<kind>.pth
+    checkpoint_path: str
+    step: int
+    resumed_from: list[int]
+    model: Any  # the trained network (eval mode)
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_version: str | None = None  # the registered version, when registered
+
+    def summary(self) -> str:
+        """What a job prints: the step, the model, the run, the version, the metrics."""
+        lines = [f"trained to step {self.step} (resumed from {self.resumed_from or 'none'}); model "
+                 f"{storage.redact(self.model_uri)}; MLflow run {self.run_id} at {storage.redact(self.tracking_uri)}"
+                 + (f"; registered version {self.model_version}" if self.model_version else "")]
+        return "\n".join(lines + [f"{key} = {value:.2f}" for key, value in self.metrics.items()])
+
+
+def train_and_publish(cfg: Any, kind: str, fit: Callable[..., FitResult], load: Callable[[str], Any],
+                      export: Callable[[Any, str, dict[str, Any]], None],
+                      evaluate: Callable[[Any], dict[str, float]], loop_cfg: dict[str, Any] | None = None,
+                      params: dict[str, str] | None = None) -> TrainOutcome:
+    """The driver of a training job (both stages): find or create the MLflow run of ``cfg.name``,
+    log ``params`` once, ``fit`` (or resume) on ``loop_cfg`` (default ``cfg`` as a dict), ``load``
+    the result, ``export`` it to ``<store>/models/<name>/cvnet_<kind>.pth`` and as an MLflow model,
+    ``evaluate`` it when ``cfg.eval.benchmark`` is set (metrics logged) and register it as
+    ``cfg.register_as`` with those metrics."""
+    import mlflow
+
+    from cvnet.registry import find_version, register_model, version_metrics
+    from cvnet.tracking import mlflow_run, resolve_tracking_uri
+
+    store = cfg.store or storage.default_store()
+    tracking_uri = resolve_tracking_uri(store, cfg.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    run_id = find_training_run(mlflow, cfg.experiment, cfg.name)
+    with mlflow_run(cfg.experiment, tracking_uri, run_name=cfg.name, run_id=run_id,
+                    tags={NAME_TAG: cfg.name}) as run:
+        run_id = run.info.run_id
+        logged_params = mlflow.get_run(run_id).data.params
+        mlflow.log_params({k: v for k, v in (params or {}).items() if k not in logged_params})
+        result = fit(loop_cfg or cfg.model_dump(), run_id, tracking_uri)
+        model = load(result.checkpoint_path)
+        model_uri = storage.join(store, "models", cfg.name, f"cvnet_{kind}.pth")
+        attempt = f"{run_id}/{result.step}"  # a rerun of a finished run registers nothing new
+        version = find_version(cfg.register_as, TRAINED_TAG, attempt) if cfg.register_as else None
+        if version is not None:
+            metrics = {k: v for k, v in version_metrics(cfg.register_as, version).items() if k != "step"}
+        else:
+            metadata = {"step": result.step, "train_name": cfg.name}
+            logged = publish_model(lambda path: export(model, path, metadata), model_uri, kind)
+            metrics = evaluate(model) if cfg.eval.benchmark else {}
+            if metrics:
+                mlflow.log_metrics(metrics, step=result.step)
+            if cfg.register_as:
+                version = register_model(cfg.register_as, logged.model_uri,
+                                         tags={TRAINED_TAG: attempt, "step": result.step, **metrics})
+    log.info("run %s: step %d, model %s, MLflow run %s at %s", cfg.name, result.step,
+             storage.redact(model_uri), run_id, storage.redact(tracking_uri))
+    return TrainOutcome(run_id, tracking_uri, model_uri, result.checkpoint_path, result.step,
+                        result.resumed_from, model, metrics, version)
