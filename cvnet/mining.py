@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cvnet.search import TopK
 
@@ -93,42 +94,66 @@ class Plan:
 
 
 def plan_update(current: pa.Table, version: int, mined: pa.Table,
-                previous: Mapping[int, Mapping[str, str] | None]) -> Plan:
+                previous: Mapping[int, pa.Table | None]) -> Plan:
     """The plan for ``current`` (``image_id``, ``uri``, ``landmark_id`` of the features at
     ``version``, in gallery row order) given the stored rows ``mined`` (``image_id``,
     ``landmark_id``, ``negative_ids``, ``mined_from_version``) and ``previous[v]``, the
-    ``{image_id: uri}`` of the features at each stored version ``v`` (``None``: no longer readable,
-    so its rows are redone in full). See the module docstring for the rules."""
-    ids = current.column("image_id").to_pylist()
-    uris = current.column("uri").to_pylist()
-    landmarks = current.column("landmark_id").to_pylist()
-    row_of = {image_id: row for row, image_id in enumerate(ids)}
-    stored = mined.to_pydict()
-    by_version: dict[int, list[int]] = {}
-    for position, (image_id, at) in enumerate(zip(stored["image_id"], stored["mined_from_version"])):
-        by_version.setdefault(at, []).append(position)
-    remove = [i for i in stored["image_id"] if i not in row_of]
-    done = {stored["image_id"][p] for p in by_version.pop(version, [])}
-    full = set(ids) - set(stored["image_id"])  # never mined (new, or lost to a crash)
+    ``image_id``, ``uri`` of the features at each stored version ``v`` (``None``: no longer
+    readable, so its rows are redone in full). See the module docstring for the rules.
+
+    Arrow kernels and numpy arrays of row indices throughout (no Python object per row or per
+    listed negative), so memory stays near the size of the tables."""
+    ids = _array(current, "image_id")
+    n = len(ids)
+    stored_ids = _array(mined, "image_id")
+    at = _array(mined, "mined_from_version").to_numpy()
+    row = _rows_in(stored_ids, ids)  # gallery row of each stored row; n: it left the features
+    negatives = mined.column("negative_ids")
+    listed_row = _rows_in(pc.list_flatten(negatives), ids)  # gallery row of each listed negative
+    listed_by = np.repeat(np.arange(len(at), dtype=np.int32), pc.list_value_length(negatives).to_numpy())
+    full = [np.flatnonzero(~pc.is_in(ids, value_set=stored_ids).to_numpy(zero_copy_only=False))]  # never mined
     incremental = {}
-    for at, positions in sorted(by_version.items()):
-        positions = [p for p in positions if stored["image_id"][p] in row_of]
-        uri_then = previous.get(at)
-        if uri_then is None:
-            full.update(stored["image_id"][p] for p in positions)
+    for then in np.unique(at[(row < n) & (at != version)]).tolist():
+        positions = np.flatnonzero((row < n) & (at == then))
+        if previous.get(then) is None:
+            full.append(row[positions])
             continue
-        landmark_then = {stored["image_id"][p]: stored["landmark_id"][p] for p in positions}
-        unchanged = {i for i, uri, lm in zip(ids, uris, landmarks)
-                     if uri_then.get(i) == uri and i in landmark_then and landmark_then[i] == lm}
-        rows = []
-        for p in positions:
-            image_id = stored["image_id"][p]
-            if image_id in unchanged and all(n in unchanged for n in stored["negative_ids"][p]):
-                rows.append(row_of[image_id])
-            else:
-                full.add(image_id)
-        delta = np.array(sorted(row_of[i] for i in ids if i not in unchanged), dtype=np.int64)
-        if rows:
-            incremental[at] = (np.array(sorted(rows), dtype=np.int64), delta)
-    return Plan(version, len(ids), np.array(sorted(row_of[i] for i in full), dtype=np.int64), incremental,
-                remove, len(done))
+        unchanged = _unchanged(current, previous[then], row[positions],
+                               _array(mined, "landmark_id").take(positions))
+        listed_changed = np.bincount(listed_by[~unchanged[listed_row]], minlength=len(at))[positions]
+        ok = unchanged[row[positions]] & (listed_changed == 0)
+        full.append(row[positions[~ok]])
+        if ok.any():
+            incremental[then] = (np.sort(row[positions[ok]]), np.flatnonzero(~unchanged[:n]))
+    return Plan(version, n, np.unique(np.concatenate(full)).astype(np.int64), incremental,
+                stored_ids.filter(pa.array(row == n)).to_pylist(), int((at == version).sum()))
+
+
+def _array(table: pa.Table, name: str) -> pa.Array:
+    return table.column(name).combine_chunks()
+
+
+def _rows_in(values: pa.Array | pa.ChunkedArray, ids: pa.Array) -> np.ndarray:
+    """The row of each of ``values`` in ``ids`` (int64); ``len(ids)`` where it is absent."""
+    return pc.index_in(values, value_set=ids).fill_null(len(ids)).to_numpy().astype(np.int64, copy=False)
+
+
+def _unchanged(current: pa.Table, then: pa.Table, rows: np.ndarray, landmarks_then: pa.Array) -> np.ndarray:
+    """``(N + 1,)`` bool over the gallery rows (the last, for absent images, False): the image
+    has a row ``rows`` of the stored version (with ``landmarks_then``), was in the features
+    ``then`` under its current URI, and that row records its current landmark."""
+    n = current.num_rows
+    stored_at = np.full(n, -1, dtype=np.int64)
+    stored_at[rows] = np.arange(len(rows))
+    landmark_then = landmarks_then.take(pa.array(stored_at, mask=stored_at < 0))
+    uri_then = _array(then, "uri").take(pc.index_in(_array(current, "image_id"), value_set=_array(then, "image_id")))
+    out = np.zeros(n + 1, dtype=bool)
+    out[:n] = (stored_at >= 0) & _same(uri_then, _array(current, "uri")) & _same(landmark_then,
+                                                                                _array(current, "landmark_id"))
+    return out
+
+
+def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """Element-wise ``a == b`` with null equal to null (as ``None == None``)."""
+    equal = pc.fill_null(pc.equal(a, b), False)
+    return pc.or_(equal, pc.and_(a.is_null(), b.is_null())).to_numpy(zero_copy_only=False)

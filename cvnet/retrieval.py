@@ -9,7 +9,10 @@
      ``k`` are taken, so the ``k`` re-ranked candidates are ``k`` non-junk ones. The ranking is
      then specific to the protocol and is scored with that protocol only.
 3. **Re-rank** (:func:`rerank_probabilities`): a :data:`ScoreFn` gives the match probabilities of
-   one query against all its shortlisted candidates in one batched call (never per pair).
+   one query against all its shortlisted candidates in one batched call (never per pair). The
+   offline job goes candidate-major instead: :func:`key_major_probability` (of
+   :mod:`cvnet.models.rerank`, re-exported here) scores one gallery image against all the
+   queries that shortlisted it, in one batched call.
 4. **Fuse** (:func:`fuse`): ``score = global + weight * p`` (``weight`` 0.5 in the paper) on the
    first ``k``, sorted by score (ties: global order); candidates beyond ``k`` keep their global
    order after them, with ``score = global`` and ``rerank_score`` null.
@@ -20,7 +23,6 @@ may be top-K only (positives missing from it count as not retrieved).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -30,9 +32,7 @@ import torch
 
 from cvnet.data.revisitop import PROTOCOLS, gnd_entries, protocol_sets
 from cvnet.eval.revisitop import DEFAULT_KS, evaluate, evaluate_per_query
-from cvnet.models.correlation import correlation_slices
-from cvnet.models.precision import precision_context
-from cvnet.models.rerank import MAX_BATCH_POSITIONS, CVLearner, RerankFeatures, _probability, _stacked_levels
+from cvnet.models.rerank import key_major_probability  # noqa: F401  (re-exported: candidate-major re-ranking)
 from cvnet.search import Descriptors, TopK, search
 
 DEFAULT_WEIGHT = 0.5
@@ -96,35 +96,6 @@ def rerank_probabilities(shortlist: TopK, k: int, score: ScoreFn, query_features
             out[q, :len(ids)] = _checked(score(query_features[str(query_id)], [gallery_features[i] for i in ids]),
                                          len(ids), str(query_id))
     return out
-
-
-@torch.no_grad()
-def key_major_probability(cv_learner: CVLearner, key: RerankFeatures, queries: Sequence[RerankFeatures],
-                          precision: str = "fp32", batch_size: int | None = None) -> np.ndarray:
-    """(Q,) match probability of every query against ONE gallery image ``key`` (candidate-major):
-    equal to ``match_probability(cv_learner, query, [key])`` per query, but batched over the
-    queries. The correlation is symmetric up to a swap of the two sides, so one
-    ``correlation_slices`` call with the key as the single side gives both slices of every query
-    (dims swapped, the 9 level pairs transposed); queries of one size run together."""
-    device = next(cv_learner.parameters()).device
-    s = len(key.levels)
-    swap = torch.tensor([(c % s) * s + c // s for c in range(s * s)], device=device)
-    scores = np.empty(len(queries), dtype=np.float32)
-    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, query in enumerate(queries):
-        by_size[query.size].append(index)
-    with precision_context(device, precision):
-        key_levels = _stacked_levels([key], device)
-        for (hq, wq), indices in by_size.items():
-            step = batch_size or max(1, MAX_BATCH_POSITIONS // (key.size[0] * key.size[1] * hq * wq))
-            for start in range(0, len(indices), step):
-                chunk = indices[start: start + step]
-                swapped_key_sub, swapped_query_sub = correlation_slices(
-                    key_levels, _stacked_levels([queries[i] for i in chunk], device), cv_learner.first_stride)
-                key_sub = swapped_query_sub.permute(0, 1, 4, 5, 2, 3).index_select(1, swap)
-                query_sub = swapped_key_sub.permute(0, 1, 4, 5, 2, 3).index_select(1, swap)
-                scores[chunk] = _probability(cv_learner.forward_slices(key_sub, query_sub)).cpu().numpy()
-    return scores
 
 
 def _checked(p: np.ndarray, n: int, query_id: str) -> np.ndarray:

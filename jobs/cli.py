@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--store`` and ``--tracking-uri`` of a job with hand-written flags (a typed config has
+    them as keys); the registry and MLflow runs follow ``cvnet.tracking.resolve_tracking_uri``."""
+    parser.add_argument("--store", default=None, help="store root (default CVNET_STORE or ./cvnet-store)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else SQLite in the store)")
+
+
 QUIET_LOGGERS = ("faiss.loader",)  # INFO lines about which CPU build it loads
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
+from jobs.cli import add_store_arguments, entrypoint
 
 HELP = "make a registered model version the champion (the one it replaces becomes 'previous')"
 
@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered model, e.g. cvnet-global")
     parser.add_argument("version", help="model version number")
     parser.add_argument("--reason", default="promoted by hand", help="recorded on the model versions")
-    parser.add_argument("--store", default=None, help="store root (default CVNET_STORE or ./cvnet-store)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+    add_store_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
+from jobs.cli import add_store_arguments, entrypoint
 
 HELP = "HTML report (AP scatter, PR curves, top-10 grids) of a rankings table on a revisitop benchmark"
 THUMB = 64
@@ -21,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, help="revisitop dataset folder (gnd_<name>.pkl + jpg/)")
     parser.add_argument("--protocol", default="medium", choices=("easy", "medium", "hard"))
     parser.add_argument("--out", default=None, help="report folder (default <store>/reports/<rankings name>)")
-    parser.add_argument("--store", default=None, help="store root (default CVNET_STORE or ./cvnet-store)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in the store)")
+    add_store_arguments(parser)
     parser.add_argument("--experiment", default="report", help="MLflow experiment")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
+from jobs.cli import add_store_arguments, entrypoint
 
 HELP = "make the 'previous' version of a registered model the champion again"
 
@@ -17,8 +17,7 @@ HELP = "make the 'previous' version of a registered model the champion again"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered model, e.g. cvnet-global")
     parser.add_argument("--reason", default="rolled back by hand", help="recorded on the model versions")
-    parser.add_argument("--store", default=None, help="store root (default CVNET_STORE or ./cvnet-store)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+    add_store_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

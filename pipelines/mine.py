@@ -159,28 +159,24 @@ def _landmarks(cfg: MineConfig, current: pa.Table) -> pa.Table:
     return joined.take(order).select(current.column_names)
 
 
-def _previous_uris(features_uri: str, versions: set[int]) -> dict[int, dict[str, str] | None]:
-    """``{image_id: uri}`` of the features at each version; ``None`` where it is not readable."""
-    out: dict[int, dict[str, str] | None] = {}
+def _previous_uris(features_uri: str, versions: set[int]) -> dict[int, pa.Table | None]:
+    """``image_id``, ``uri`` of the features at each version; ``None`` where it is not readable."""
+    out: dict[int, pa.Table | None] = {}
     for version in versions:
         try:
-            rows = features.open_features(features_uri, version).read(["image_id", "uri"])
-            out[version] = dict(zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()))
+            out[version] = features.open_features(features_uri, version).read(["image_id", "uri"])
         except TableError as err:
             log.warning("features version %d is gone (%s): its mined rows are redone in full", version, err)
             out[version] = None
     return out
 
 
-def _queries(plan: mining.Plan, ids: list[str], mined: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+def _queries(plan: mining.Plan, ids: pa.Array, mined: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     """The plan's query rows (incremental ones with their stored lists) as a Ray dataset."""
-    parts = [pa.table({"image_id": [ids[r] for r in plan.full], "row": plan.full,
-                       "delta": np.full(len(plan.full), FULL)})]
+    parts = [pa.table({"image_id": ids.take(plan.full), "row": plan.full, "delta": np.full(len(plan.full), FULL)})]
     for version, (rows, _) in plan.incremental.items():
-        wanted = [ids[r] for r in rows]
-        stored = mined.filter(pc.is_in(mined.column("image_id"), pa.array(wanted, pa.string())))
-        position = {i: p for p, i in enumerate(stored.column("image_id").to_pylist())}
-        stored = stored.take([position[i] for i in wanted])
+        wanted = ids.take(rows)
+        stored = mined.take(pc.index_in(wanted, value_set=mined.column("image_id").combine_chunks()))
         parts.append(pa.table({"image_id": wanted, "row": rows, "delta": np.full(len(rows), version),
                                "old_ids": stored.column("negative_ids"),
                                "old_scores": stored.column("negative_scores")}))
@@ -242,7 +238,7 @@ def run_mine(cfg: MineConfig) -> MineResult:
                                  dtype=np.int64)
             gallery = put_gallery(table, ids, landmarks, cfg.gallery_block_rows,
                                   {v: delta for v, (_, delta) in plan.incremental.items()})
-            ds = _queries(plan, ids, mined, cfg.query_rows).map_batches(
+            ds = _queries(plan, current.column("image_id").combine_chunks(), mined, cfg.query_rows).map_batches(
                 MineActor, batch_format="pyarrow", batch_size=cfg.query_rows,
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus,
                 num_gpus=cfg.actor_gpus or None,

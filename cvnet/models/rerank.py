@@ -7,6 +7,7 @@ Public contract (used by the CVNet model class):
 - :func:`compute_rerank_features` does all per-image work once; :class:`RerankFeatures` is
   cacheable and serialises to bytes without pickle.
 - :func:`match_probability` is the fast exact path, batched over the candidates of one query;
+  :func:`key_major_probability` the same path batched over the queries of one candidate;
   :func:`match_probability_reference` follows the reference structure step by step (oracle).
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
-from cvnet.models.precision import precision_context
 from cvnet.models.correlation import (
     PYRAMID_SCALES,
     correlation_4d,
@@ -29,6 +29,7 @@ from cvnet.models.correlation import (
     pyramid_levels,
     pyramid_sizes,
 )
+from cvnet.models.precision import precision_context
 
 FEATURE_CHANNELS = 1024
 LEVEL_CHANNELS = 256
@@ -205,24 +206,56 @@ def match_probability(
     keep a batch under ``MAX_BATCH_POSITIONS`` 4D correlation positions, which bounds memory).
     ``precision="bf16"`` is an approximate opt-in mode (autocast); the default fp32 is exact.
     """
+    return _one_against_many(cv_learner, query, keys, batch_size, precision, one_is_query=True)
+
+
+@torch.no_grad()
+def key_major_probability(
+    cv_learner: CVLearner,
+    key: RerankFeatures,
+    queries: Sequence[RerankFeatures],
+    precision: str = "fp32",
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Match probability (Q,) float32 of Q queries of any sizes against ONE candidate ``key``
+    (candidate-major re-ranking): ``match_probability(cv_learner, query, [key])`` per query,
+    batched over the queries as :func:`match_probability` batches its candidates."""
+    return _one_against_many(cv_learner, key, queries, batch_size, precision, one_is_query=False)
+
+
+def _one_against_many(cv_learner: CVLearner, one: RerankFeatures, many: Sequence[RerankFeatures],
+                      batch_size: int | None, precision: str, one_is_query: bool) -> np.ndarray:
+    """Probabilities of the pairs (``one``, ``many[i]``), ``one`` the query or the key; ``many``
+    grouped by size and batched. ``correlation_slices`` always takes ``one`` as its single side;
+    with ``one`` the key, its two slices are swapped back (:func:`_swapped`)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _device_of(cv_learner)
     stride = cv_learner.first_stride
-    scores = np.empty(len(keys), dtype=np.float32)
+    scores = np.empty(len(many), dtype=np.float32)
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, key in enumerate(keys):
-        by_size[key.size].append(index)
+    for index, other in enumerate(many):
+        by_size[other.size].append(index)
     with precision_context(device, precision):
-        query_levels = _stacked_levels([query], device)
-        for (hk, wk), indices in by_size.items():
-            step = batch_size or max(1, MAX_BATCH_POSITIONS // (query.size[0] * query.size[1] * hk * wk))
+        one_levels = _stacked_levels([one], device)
+        for (h, w), indices in by_size.items():
+            step = batch_size or max(1, MAX_BATCH_POSITIONS // (one.size[0] * one.size[1] * h * w))
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                key_levels = _stacked_levels([keys[i] for i in chunk], device)
-                key_sub, query_sub = correlation_slices(query_levels, key_levels, stride)
+                one_sub, many_sub = correlation_slices(one_levels, _stacked_levels([many[i] for i in chunk], device),
+                                                       stride)
+                key_sub, query_sub = (one_sub, many_sub) if one_is_query else (_swapped(many_sub), _swapped(one_sub))
                 scores[chunk] = _probability(cv_learner.forward_slices(key_sub, query_sub)).cpu().numpy()
     return scores
+
+
+def _swapped(sub: torch.Tensor) -> torch.Tensor:
+    """A correlation slice computed with the query and key sides swapped, in the unswapped
+    layout: the correlation is symmetric, so (B, 9, h, w, h', w') -> (B, 9, h', w', h, w) with
+    level pair (i, j) -> (j, i)."""
+    s = len(PYRAMID_SCALES)
+    transpose = torch.tensor([(c % s) * s + c // s for c in range(s * s)], device=sub.device)
+    return sub.permute(0, 1, 4, 5, 2, 3).index_select(1, transpose)
 
 
 @torch.no_grad()
