@@ -6,7 +6,7 @@ share candidates when K * Q > G), measured side by side in one process on the sa
 (a) released: per pair, the candidate's stage-3 map recomputed by the backbone, then the
     reference-structured pair (pyramid + convs per pair, full 4D correlation, layer-by-layer learner);
 (b) recompute, candidate-major: each candidate's rerank features computed once (backbone + convs),
-    then scored against all its queries in one batched call (cvnet.retrieval.key_major_probability);
+    then scored against all its queries in one batched call (cvnet.models.rerank.key_major_probability);
 (c) cached: each candidate's stored features decoded from bytes (RerankFeatures.from_bytes; the
     table read itself is not timed), then the same batched scoring.
 
@@ -31,7 +31,7 @@ from cvnet.models.correlation import pyramid_sizes
 from cvnet.models.cvnet import CVNet
 from cvnet.models.rerank import LEVEL_CHANNELS, RerankFeatures, match_probability_reference
 from cvnet.models.synthetic_weights import synthetic_state_dict
-from cvnet.retrieval import key_major_probability
+from cvnet.models.rerank import key_major_probability
 
 R1M, QUERIES_R1M, ALL = 1_001_001, 70, 1_000_000
 

@@ -11,7 +11,7 @@
 3. **Re-rank** (:func:`rerank_probabilities`): a :data:`ScoreFn` gives the match probabilities of
    one query against all its shortlisted candidates in one batched call (never per pair). The
    offline job goes candidate-major instead: :func:`key_major_probability` (of
-   :mod:`cvnet.models.rerank`, re-exported here) scores one gallery image against all the
+   :mod:`cvnet.models.rerank`) scores one gallery image against all the
    queries that shortlisted it, in one batched call.
 4. **Fuse** (:func:`fuse`): ``score = global + weight * p`` (``weight`` 0.5 in the paper) on the
    first ``k``, sorted by score (ties: global order); candidates beyond ``k`` keep their global
@@ -32,7 +32,6 @@ import torch
 
 from cvnet.data.revisitop import PROTOCOLS, gnd_entries, protocol_sets
 from cvnet.eval.revisitop import DEFAULT_KS, evaluate, evaluate_per_query
-from cvnet.models.rerank import key_major_probability  # noqa: F401  (re-exported: candidate-major re-ranking)
 from cvnet.search import Descriptors, TopK, search
 
 DEFAULT_WEIGHT = 0.5

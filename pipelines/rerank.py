@@ -13,7 +13,7 @@ The work of a run is the query ids minus those committed to the rankings table (
    gallery image; :class:`RerankActor` s get each image once with the queries that need it, take
    its rerank features (``cached``: by id from the gallery table, :func:`cvnet.features.read_rerank_levels`;
    ``recompute``: decoded and computed from its image) and score it against all those queries in
-   one batched call (:func:`cvnet.retrieval.key_major_probability`). The wave's query features
+   one batched call (:func:`cvnet.models.rerank.key_major_probability`). The wave's query features
    travel once through the object store.
 3. **Fuse and commit**: the driver fuses each query's list (:func:`cvnet.retrieval.fuse`) and commits
    the wave's rankings in shards of ``commit_queries`` queries, each query exactly once.
@@ -33,9 +33,9 @@ import ray
 
 from cvnet import features, storage
 from cvnet.config import RerankConfig
-from cvnet.models.rerank import RerankFeatures
+from cvnet.models.rerank import RerankFeatures, key_major_probability
 from cvnet.registry import resolve_checkpoint
-from cvnet.retrieval import RANKINGS_SCHEMA, TopK, fuse, key_major_probability
+from cvnet.retrieval import RANKINGS_SCHEMA, TopK, fuse
 from cvnet.search import Descriptors, merge, recall_at_k, search
 from cvnet.tables import Lease, Table, TableWriter, open_or_create
 from pipelines.committed import ShardCommitter, fragment_summary

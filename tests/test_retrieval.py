@@ -142,7 +142,7 @@ def test_key_major_probability_equals_match_probability_per_query():
     from cvnet.models.cvnet import CVNet
     from cvnet.models.rerank import compute_rerank_features, match_probability
     from cvnet.models.synthetic_weights import synthetic_state_dict
-    from cvnet.retrieval import key_major_probability
+    from cvnet.models.rerank import key_major_probability
 
     model = CVNet(50)
     model.load_state_dict(synthetic_state_dict("r50", 0))
