@@ -38,13 +38,14 @@ BAD_INPUTS_SCHEMA = pa.schema([
 
 
 class ModelMismatch(TableError):
-    """Features were extracted with another model than the one being used."""
+    """Features were extracted with another model than the one being used (another
+    :func:`cvnet.models.checkpoints.extractor_sha256`)."""
 
 
-def extraction_settings(model_sha256: str, scales: Sequence[float], float16: bool,
+def extraction_settings(extractor_sha256: str, scales: Sequence[float], float16: bool,
                         rerank_features: bool) -> dict[str, Any]:
     """The settings that determine the stored numbers (a table refuses other values)."""
-    return {"model_sha256": model_sha256, "scales": [float(s) for s in scales], "float16": float16,
+    return {"extractor_sha256": extractor_sha256, "scales": [float(s) for s in scales], "float16": float16,
             "rerank_features": rerank_features, "preprocessing": PREPROCESSING}
 
 
@@ -86,13 +87,13 @@ def bad_inputs_table(rows: Sequence[Mapping[str, str]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=BAD_INPUTS_SCHEMA)
 
 
-def open_features(uri: str, version: int | None = None, model_sha256: str | None = None) -> Table:
-    """The features table of the extraction output ``uri``; with ``model_sha256``, refuse
+def open_features(uri: str, version: int | None = None, extractor_sha256: str | None = None) -> Table:
+    """The features table of the extraction output ``uri``; with ``extractor_sha256``, refuse
     features of another model (:class:`ModelMismatch`)."""
     table = Table.open(storage.join(uri, FEATURES), version)
-    if model_sha256 is not None and table.settings.get("model_sha256") != model_sha256:
-        raise ModelMismatch(f"{storage.redact(uri)}: features of model {table.settings.get('model_sha256')}, "
-                            f"not of the model in use ({model_sha256}); extract with this model first")
+    if extractor_sha256 is not None and table.settings.get("extractor_sha256") != extractor_sha256:
+        raise ModelMismatch(f"{storage.redact(uri)}: features of model {table.settings.get('extractor_sha256')}, "
+                            f"not of the model in use ({extractor_sha256}); extract with this model first")
     return table
 
 
@@ -103,9 +104,9 @@ def descriptors_of(table: pa.Table) -> np.ndarray:
 
 
 def read_descriptors(uri: str, version: int | None = None,
-                     model_sha256: str | None = None) -> tuple[list[str], np.ndarray]:
+                     extractor_sha256: str | None = None) -> tuple[list[str], np.ndarray]:
     """``(image_ids, X)`` of the committed descriptors of ``uri``; X is (N, 2048) float32."""
-    rows = open_features(uri, version, model_sha256).read(["image_id", "descriptor"])
+    rows = open_features(uri, version, extractor_sha256).read(["image_id", "descriptor"])
     return rows.column("image_id").to_pylist(), descriptors_of(rows)
 
 
@@ -117,10 +118,10 @@ def levels_of(row: Mapping[str, Any], float16: bool) -> tuple[np.ndarray, ...]:
 
 
 def read_rerank_levels(uri: str, image_ids: Sequence[str] | None = None, version: int | None = None,
-                       model_sha256: str | None = None) -> dict[str, tuple[np.ndarray, ...]]:
+                       extractor_sha256: str | None = None) -> dict[str, tuple[np.ndarray, ...]]:
     """Committed rerank pyramid levels by image id (float32 arrays): all, or ``image_ids`` read by
     key (only those rows are read; ``KeyError`` names missing ones)."""
-    table = open_features(uri, version, model_sha256)
+    table = open_features(uri, version, extractor_sha256)
     if not table.settings.get("rerank_features"):
         raise TableError(f"{storage.redact(uri)}: extracted without rerank features")
     columns = ["image_id"] + [f"{p}_{i}" for i in range(N_LEVELS) for p in ("level", "shape")]

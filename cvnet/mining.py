@@ -41,7 +41,7 @@ def mining_settings(features_settings: Mapping[str, Any], keep: int, precision: 
                     landmarks_from: str) -> dict[str, Any]:
     """What determines a mining table's numbers: the model, ``keep``, the tile precision and
     where the landmarks come from (``features`` or a manifest URI)."""
-    return {"model_sha256": features_settings.get("model_sha256"), "keep": keep, "precision": precision,
+    return {"extractor_sha256": features_settings.get("extractor_sha256"), "keep": keep, "precision": precision,
             "landmarks_from": landmarks_from}
 
 

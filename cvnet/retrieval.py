@@ -201,11 +201,11 @@ def per_query_ap(rankings: pa.Table, gt: dict, query_ids: Sequence[str], protoco
 
 
 def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | None = None,
-                    features: str | None = None, model_sha256: str | None = None) -> dict[str, dict[str, float]]:
+                    features: str | None = None, extractor_sha256: str | None = None) -> dict[str, dict[str, float]]:
     """revisitop metrics (fractions) of the global network ``net`` on the (small) benchmark at
     ``root``, in this process: queries cropped to their ``bbx`` and described here, database
     descriptors read from the extraction output ``features`` (refused unless extracted by the
-    model of hash ``model_sha256``) or described here; full exact global rankings. Large
+    model of extractor hash ``extractor_sha256``) or described here; full exact global rankings. Large
     benchmarks go through ``cvnet evaluate`` (Ray) instead."""
     from cvnet import storage
     from cvnet.config import DEFAULT_SCALES
@@ -221,7 +221,7 @@ def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | N
         database = multiscale_descriptors(net, [load_image(root, n) for n in gt["imlist"]], scales)
         ids = list(gt["imlist"])
     else:
-        ids, database = read_descriptors(features, model_sha256=model_sha256)
+        ids, database = read_descriptors(features, extractor_sha256=extractor_sha256)
         missing = set(gt["imlist"]) - set(ids)
         if missing:
             raise KeyError(f"{storage.redact(features)}: no descriptor for database image {sorted(missing)[0]!r} "

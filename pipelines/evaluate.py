@@ -25,6 +25,7 @@ from cvnet.config import EvaluateConfig, ExtractConfig, RerankConfig
 from cvnet.data.manifest import read_manifest, write_manifest
 from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, revisitop_manifest
 from cvnet.eval.revisitop import benchmark_name
+from cvnet.models.checkpoints import extractor_sha256
 from cvnet.registry import resolve_checkpoint
 from cvnet.retrieval import TopK, evaluate_rankings, fuse, protocol_junk, rankings_to_topk, remove_junk
 from cvnet.tables import Table
@@ -46,9 +47,11 @@ class EvaluateResult:
     versions_written: dict[str, int] = field(default_factory=dict)
 
 
-def eval_folder(cfg: EvaluateConfig, model_sha: str) -> str:
+def eval_folder(cfg: EvaluateConfig, extractor: str) -> str:
+    """``<store>/eval/<benchmark>-<extractor hash>``: models that extract the same features (a
+    re-ranker and the one it was fine-tuned from) share the benchmark's extraction."""
     return storage.join(cfg.store or storage.default_store(), "eval",
-                        f"{benchmark_name(cfg.benchmark)}-{model_sha[:12]}")
+                        f"{benchmark_name(cfg.benchmark)}-{extractor[:12]}")
 
 
 def _database_manifest(cfg: EvaluateConfig, gt_manifest: pa.Table) -> tuple[pa.Table, str]:
@@ -71,15 +74,17 @@ def extract_benchmark(cfg: EvaluateConfig, folder: str) -> tuple[str, str, dict[
     parts = {variant: (db, cfg.rerank and cfg.rerank_from == "cached", "gallery"),
              "queries": (manifest.filter(pa.compute.equal(manifest["split"], "query")), cfg.rerank, "queries")}
     written = {}
+    outputs = {}
     for name, (rows, rerank_features, role) in parts.items():
         path = storage.join(folder, f"{name}.parquet")
         write_manifest(rows, path)
+        outputs[name] = storage.join(folder, name + ("-rerank" if rerank_features else ""))
         result = run_extract(ExtractConfig(
-            manifest=path, model=cfg.model, output=storage.join(folder, name), rerank_features=rerank_features,
+            manifest=path, model=cfg.model, output=outputs[name], rerank_features=rerank_features,
             scales=cfg.scales, num_actors=cfg.num_actors, actor_cpus=cfg.actor_cpus, actor_gpus=cfg.actor_gpus,
             max_bad_fraction=0.0))
         written[f"{role}_features"] = result.versions_written["features"]
-    return storage.join(folder, variant), storage.join(folder, "queries"), written
+    return outputs[variant], outputs["queries"], written
 
 
 def _depth(cfg: EvaluateConfig, n_db: int, most_junk: int) -> int:
@@ -121,14 +126,15 @@ def gt_aware_metrics(rcfg: RerankConfig, rankings: pa.Table, gt: dict) -> dict[s
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Extract, rank and score one benchmark on Ray (Ray must be initialised)."""
-    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))  # paths, URIs and models:/ URIs
-    folder = eval_folder(cfg, model_sha)
+    checkpoint = resolve_checkpoint(cfg.model)  # paths, URIs and models:/ URIs
+    model_sha, folder = storage.file_sha256(checkpoint), eval_folder(cfg, extractor_sha256(checkpoint))
     gt = load_ground_truth(storage.join(cfg.benchmark, f"gnd_{benchmark_name(cfg.benchmark)}.pkl"))
     gallery, queries, written = extract_benchmark(cfg, folder)
     n_db = features.open_features(gallery).num_rows()
     most_junk = max(len(protocol_junk(gt, p)[q]) for p in PROTOCOLS for q in range(len(gt["qimlist"])))
     depth = _depth(cfg, n_db, most_junk)
-    label = f"rankings-{gallery.rsplit('/', 1)[-1]}-d{depth}" + (f"-k{cfg.k}-w{cfg.weight:g}" if cfg.rerank else "")
+    label = (f"rankings-{gallery.rsplit('/', 1)[-1]}-d{depth}" + (f"-k{cfg.k}-w{cfg.weight:g}" if cfg.rerank else "")
+             + f"-m{model_sha[:12]}")
     rcfg = RerankConfig(gallery=gallery, queries=queries, model=cfg.model, k=min(cfg.k, depth), rerank=cfg.rerank,
                         depth=depth, weight=cfg.weight, rerank_from=cfg.rerank_from, out=storage.join(folder, label),
                         num_actors=cfg.num_actors, actor_cpus=cfg.actor_cpus, actor_gpus=cfg.actor_gpus,

@@ -26,6 +26,7 @@ from cvnet import features, storage
 from cvnet.config import ExtractConfig
 from cvnet.data.images import ImageDecodeError, crop_query, decode_image
 from cvnet.data.manifest import ImageReadError, read_image_bytes, read_manifest
+from cvnet.models.checkpoints import extractor_sha256
 from cvnet.registry import parse_models_uri, pin_version, resolve_checkpoint
 from cvnet.retry import retry_transient
 from cvnet.tables import Lease, TableWriter, open_or_create
@@ -66,13 +67,14 @@ class ExtractResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def default_output(store: str, model: str, model_sha256: str) -> str:
-    """``<store>/features/<model file stem, or registered name>-<first 12 hex of its SHA-256>``."""
+def default_output(store: str, model: str, extractor: str) -> str:
+    """``<store>/features/<model file stem, or registered name>-<first 12 hex of its extractor
+    hash>`` (:func:`cvnet.models.checkpoints.extractor_sha256`)."""
     if model.startswith("models:/"):
         stem = parse_models_uri(model)[0]
     else:
         stem = model.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "model"
-    return storage.join(store, "features", f"{stem}-{model_sha256[:12]}")
+    return storage.join(store, "features", f"{stem}-{extractor[:12]}")
 
 
 def check_unique_ids(manifest: pa.Table, uri: str) -> None:
@@ -233,7 +235,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     manifest = read_manifest(cfg.manifest)
     check_unique_ids(manifest, cfg.manifest)
     cfg = cfg.model_copy(update={"model": pin_version(cfg.model)})  # every actor loads one version
-    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))
+    model_sha = extractor_sha256(resolve_checkpoint(cfg.model))
     output = cfg.output or default_output(cfg.store or storage.default_store(), cfg.model, model_sha)
     lease = Lease(output, owner=f"extract {storage.redact(cfg.manifest)}", ttl_s=cfg.lease_ttl_s).acquire()
     try:

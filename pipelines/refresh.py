@@ -34,6 +34,7 @@ from cvnet import features, mining, storage
 from cvnet.config import (ConfigError, EvaluateConfig, ExtractConfig, MineConfig, RefreshConfig,
                           TrainRerankConfig)
 from cvnet.data.manifest import read_manifest
+from cvnet.models.checkpoints import extractor_sha256
 from cvnet.registry import find_version, gate, pin_version, register_model, resolve_checkpoint
 from cvnet.tables import Lease, NotCommitted, Table
 
@@ -123,7 +124,7 @@ def features_output(cfg: RefreshConfig, store: str, global_model: str) -> str:
     from pipelines.extract import default_output
 
     return cfg.extract.get("output") or default_output(
-        store, global_model, storage.file_sha256(resolve_checkpoint(global_model)))
+        store, global_model, extractor_sha256(resolve_checkpoint(global_model)))
 
 
 def mining_output(cfg: RefreshConfig, store: str, features_uri: str) -> str:

@@ -33,6 +33,7 @@ import ray
 
 from cvnet import features, storage
 from cvnet.config import RerankConfig
+from cvnet.models.checkpoints import extractor_sha256
 from cvnet.models.rerank import RerankFeatures, key_major_probability
 from cvnet.registry import resolve_checkpoint
 from cvnet.retrieval import RANKINGS_SCHEMA, TopK, fuse
@@ -254,9 +255,10 @@ def default_output(cfg: RerankConfig) -> str:
 def run_rerank(cfg: RerankConfig) -> RerankResult:
     """Run (or resume) one re-ranking job into its rankings table; Ray must be initialised."""
     started = time.monotonic()
-    model_sha = storage.file_sha256(resolve_checkpoint(cfg.model))  # paths, URIs and models:/ URIs
-    gallery = features.open_features(cfg.gallery, model_sha256=model_sha)
-    queries = features.open_features(cfg.queries, model_sha256=model_sha) if cfg.queries else gallery
+    checkpoint = resolve_checkpoint(cfg.model)  # paths, URIs and models:/ URIs
+    model_sha, extractor = storage.file_sha256(checkpoint), extractor_sha256(checkpoint)
+    gallery = features.open_features(cfg.gallery, extractor_sha256=extractor)
+    queries = features.open_features(cfg.queries, extractor_sha256=extractor) if cfg.queries else gallery
     output = default_output(cfg)
     lease = Lease(output, owner=f"rerank {storage.redact(cfg.gallery)}", ttl_s=cfg.lease_ttl_s).acquire()
     result = RerankResult(output, 0, 0, 0.0)

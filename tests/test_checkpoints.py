@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cvnet
-from cvnet.models.checkpoints import CheckpointError, load_imagenet_backbone, save_checkpoint
+from cvnet.models.checkpoints import CheckpointError, extractor_sha256, load_imagenet_backbone, save_checkpoint
 from cvnet.models.global_net import GlobalNet
 from cvnet.models.synthetic_weights import synthetic_state_dict
 
@@ -80,6 +80,17 @@ def test_save_checkpoint_round_trip_is_atomic_and_tagged(state, workdir):
     assert raw["cvnet"] == {"format": 1, "depth": 50, "experiment": "unit", "epoch": 3}
     assert sorted(p.name for p in (workdir / "ckpt").iterdir()) == ["model.pyth"]
     assert_same_state(cvnet.load_model(uri), state)
+
+
+def test_extractor_hash_ignores_the_reranker_and_sees_the_global_network(state, workdir):
+    """A re-ranker fine-tuned on a frozen backbone extracts what its start model extracts."""
+    changed = {k: v + 1 if k.startswith("cv_learner.") else v for k, v in state.items()}
+    torch.save(state, workdir / "start.pth")
+    torch.save(changed, workdir / "fine-tuned.pth")
+    assert extractor_sha256(str(workdir / "start.pth")) == extractor_sha256(str(workdir / "fine-tuned.pth"))
+    key = next(k for k in state if k.startswith("encoder_q.") and state[k].is_floating_point())
+    torch.save({**state, key: state[key] + 1}, workdir / "other-backbone.pth")
+    assert extractor_sha256(str(workdir / "start.pth")) != extractor_sha256(str(workdir / "other-backbone.pth"))
 
 
 def test_save_and_load_on_s3(state, s3_bucket):

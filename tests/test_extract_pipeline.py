@@ -125,10 +125,10 @@ def test_extract_equals_direct_model_and_rerun_skips(ray_local, dataset, tmp_pat
     np.testing.assert_allclose(got, expected, atol=1e-5)
     # the table names the model by its hash; a reader with another model is refused
     table = features.open_features(output)
-    assert table.settings["model_sha256"] == features.open_features(
-        output, model_sha256=table.settings["model_sha256"]).settings["model_sha256"]
+    assert table.settings["extractor_sha256"] == features.open_features(
+        output, extractor_sha256=table.settings["extractor_sha256"]).settings["extractor_sha256"]
     with pytest.raises(features.ModelMismatch, match="not of the model in use"):
-        features.read_descriptors(output, model_sha256="0" * 64)
+        features.read_descriptors(output, extractor_sha256="0" * 64)
     # a rerun commits nothing and makes no new version
     again = run_extract(cfg)
     assert (again.images, again.skipped) == (0, N_ROWS)
@@ -141,7 +141,7 @@ def test_extract_equals_direct_model_and_rerun_skips(ray_local, dataset, tmp_pat
 def test_default_output_is_one_table_per_model(ray_local, dataset, tmp_path):
     store = tmp_path / "store"
     result = run_extract(_config(dataset, None, store=str(store)))
-    sha = features.open_features(result.output).settings["model_sha256"]
+    sha = features.open_features(result.output).settings["extractor_sha256"]
     assert result.output == f"{store}/features/model-{sha[:12]}"
 
 

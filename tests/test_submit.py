@@ -85,7 +85,7 @@ def test_cluster_job_with_remote_store_and_local_tracking_fails_fast(monkeypatch
 def test_submit_extract_runs_on_the_cluster(ray_head, tmp_path):
     from cvnet import features, storage
     from cvnet.data.manifest import write_manifest
-    from cvnet.models.checkpoints import save_checkpoint
+    from cvnet.models.checkpoints import extractor_sha256, save_checkpoint
     from cvnet.models.cvnet import CVNet
     from cvnet.models.synthetic_weights import synthetic_state_dict
     from pipelines.extract import default_output
@@ -107,7 +107,7 @@ def test_submit_extract_runs_on_the_cluster(ray_head, tmp_path):
     job_id = done.stdout.strip().splitlines()[0]
     assert job_id.startswith("cvnet-extract-"), shown
     assert "processed 7 images (3 bad inputs" in done.stdout, shown  # the job's own log, followed
-    output = default_output(str(store), str(tmp_path / "model.pt"), storage.file_sha256(str(tmp_path / "model.pt")))
+    output = default_output(str(store), str(tmp_path / "model.pt"), extractor_sha256(str(tmp_path / "model.pt")))
     ids, X = features.read_descriptors(output)
     assert sorted(ids) == ["g0", "g1", "g2", "g3"] and X.shape == (4, 2048)
     assert (store / "mlflow.db").exists()

@@ -95,7 +95,7 @@ def audit(cfg: AuditOverlapConfig) -> tuple[str, pa.Table, dict[str, int]]:
     returns the output, the table's rows and the versions read and written."""
     train, bench = features.open_features(cfg.train), features.open_features(cfg.benchmark)
     output = cfg.output or default_output(cfg.store or storage.default_store(), train, cfg.train, cfg.benchmark)
-    settings = {"train_model_sha256": train.settings.get("model_sha256"), "train_version": train.version,
+    settings = {"train_extractor_sha256": train.settings.get("extractor_sha256"), "train_version": train.version,
                 "threshold": cfg.threshold, "k": cfg.k}
     with Lease(output, owner=f"audit-overlap {storage.redact(cfg.benchmark)}", ttl_s=cfg.lease_ttl_s) as lease:
         uri = storage.join(output, TABLE)

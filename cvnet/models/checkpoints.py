@@ -145,6 +145,23 @@ def load_model(source: Source, depth: int | None = None, device: str | torch.dev
     return model.to(device).eval()
 
 
+def extractor_sha256(source: Source) -> str:
+    """The identity of what a CVNet checkpoint extracts: a SHA-256 of its global network's
+    tensors (``encoder_q``, whose stages also give the re-ranker's maps) and the settings the
+    extraction reads from it. Checkpoints that differ only in the re-ranker (a stage-2 model
+    and the one it was fine-tuned from, backbone frozen) extract the same features, so their
+    extraction outputs are shared."""
+    import hashlib
+
+    model = load_model(source)
+    digest = hashlib.sha256(json.dumps({"depth": model.depth, "rerank_scale": getattr(model, "rerank_scale", 1.0)},
+                                       sort_keys=True).encode())
+    for name, tensor in sorted(model.encoder_q.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _check_metadata(metadata: Mapping[str, Any]) -> None:
     reserved = {"format", "depth"} & set(metadata)
     if reserved:
