@@ -110,8 +110,8 @@ def connect(store: str | None = None, tracking_uri: str | None = None) -> str:
 
 def aliases(name: str, client: Any = None) -> Aliases:
     """Where ``champion`` / ``challenger`` / ``previous`` of ``name`` point now."""
-    found = _client(client).get_registered_model(name).aliases
-    return Aliases(name, *(found.get(alias) for alias in ALIASES))
+    found = _client(client).get_registered_model(name).aliases  # MLflow gives versions as int
+    return Aliases(name, *(None if found.get(alias) is None else str(found[alias]) for alias in ALIASES))
 
 
 def _record(client: Any, name: str, version: str, event: str, reason: str) -> None:

@@ -12,7 +12,7 @@ finds the finished work instead of redoing it.
 The configs: ``configs/demo.yaml`` (stage 1), ``configs/rerank-demo.yaml`` (stage 2) and
 ``configs/refresh-demo.yaml`` (the refresh, and the extraction, mining and evaluation settings of
 the first pass, so both passes share their tables); ``stage1.KEY=V``, ``stage2.KEY=V`` and
-``refresh.KEY=V`` override them.
+``refresh.KEY=V`` override them, ``synth.KEY=V`` the synthetic collection (e.g. a smaller one).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SYNTH = {"seed": 0, "landmarks": 100, "images_per_landmark": 12, "queries": 20,
          "distractors": 60, "size": 128}
 FIRST_SHARE = 0.8  # of the training images in the first pass; the rest arrive before the refresh
-PREFIXES = ("stage1", "stage2", "refresh")
+PREFIXES = ("synth", "stage1", "stage2", "refresh")
 LABELS = {"global_untrained": "global, untrained model", "global": "global, stage 1",
           "rerank_topk": "re-ranked top-k (raw shortlist)", "rerank_gt_aware": "re-ranked top-k (GT-aware shortlist)"}
 
@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage1", default=str(CONFIGS / "demo.yaml"), help="stage-1 config")
     parser.add_argument("--stage2", default=str(CONFIGS / "rerank-demo.yaml"), help="stage-2 config")
     parser.add_argument("--refresh", default=str(CONFIGS / "refresh-demo.yaml"), help="refresh config")
-    parser.add_argument("overrides", nargs="*", metavar="stage1|stage2|refresh.KEY=VALUE",
-                        help="overrides of one of the three configs")
+    parser.add_argument("overrides", nargs="*", metavar="synth|stage1|stage2|refresh.KEY=VALUE",
+                        help="overrides of the synthetic collection (" + ", ".join(SYNTH) + ") or of a config")
 
 
 def split_overrides(words: list[str]) -> dict[str, list[str]]:
@@ -96,6 +96,29 @@ class Clock:
         return round(time.monotonic() - self.started, 1)
 
 
+def ensure_collection(root: str, overrides: list[str]) -> None:
+    """Generate the demo's synthetic collection under ``root`` (``SYNTH`` with ``overrides``)
+    unless it is there already, generated with the same parameters."""
+    from cvnet import storage
+    from cvnet.config import ConfigError, parse_overrides
+    from cvnet.data.synthetic import generate
+
+    params = {**SYNTH, **parse_overrides(overrides)}
+    unknown = sorted(set(params) - set(SYNTH))
+    if unknown:
+        raise ConfigError(f"synth.{unknown[0]}: not a parameter of the demo collection ({', '.join(SYNTH)})")
+    fs, marker = storage.filesystem(storage.join(root, "synth.json"))
+    if not fs.exists(marker):
+        generate(root, **params)
+        return
+    found = json.loads(fs.cat_file(marker))
+    found = {"seed": found["seed"], **found["parameters"]}
+    clash = sorted(k for k in params if found.get(k) != params[k])
+    if clash:
+        raise ConfigError(f"synth.{clash[0]}: the store's collection has {found.get(clash[0])!r}, not "
+                          f"{params[clash[0]]!r}; use another --store")
+
+
 def training_manifests(gldv2: str, first_uri: str, all_uri: str) -> tuple[int, int]:
     """Manifests of the training images: the first pass's (a fixed ``FIRST_SHARE`` of them, by
     image id) and the whole set, written later as the images that "arrive"; their sizes."""
@@ -138,7 +161,6 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The whole loop; returns the outcome (what ``--json`` prints)."""
     from cvnet import features, mining, registry, storage
     from cvnet.config import ConfigError, RefreshConfig, TrainGlobalConfig, TrainRerankConfig
-    from cvnet.data.synthetic import generate
     from cvnet.retrieval import evaluate_global, flat_metrics
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
     from cvnet.training.steps import build_global_net
@@ -158,9 +180,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     gldv2, bench = storage.join(synth, "gldv2"), storage.join(synth, "revisitop", "roxsynth")
     first_manifest = storage.join(store, "datasets", "synth-train-first.parquet")
     all_manifest = storage.join(store, "datasets", "synth-train.parquet")
-    fs, marker = storage.filesystem(storage.join(synth, "synth.json"))
-    if not fs.exists(marker):
-        generate(synth, **SYNTH)
+    ensure_collection(synth, overrides["synth"])
     first, everything = training_manifests(gldv2, first_manifest, all_manifest)
     clock.done("synth", f"synthetic collection in {synth}; {first} of {everything} training images for now")
 
