@@ -124,7 +124,8 @@ def main() -> None:
     for recipe in args.recipes:
         tic = time.monotonic()
         name = f"quality-{recipe.replace(' ', '-')}-{steps}"
-        scaled = [f"curriculum.{key}.{field}={getattr(getattr(demo.curriculum, key), field) * steps // demo.optim.max_steps}"
+        scaled = [f"curriculum.{key}.{field}="
+                  f"{getattr(getattr(demo.curriculum, key), field) * steps // demo.optim.max_steps}"
                   for key in ("hard_share", "has_prob") for field in ("warmup_steps", "ramp_steps")]
         cfg = load_config(TrainRerankConfig, CONFIG, [
             f"name={name}", f"store={work / 'store'}",
