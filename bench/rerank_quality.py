@@ -1,15 +1,18 @@
 """Does stage 2 work? Trained re-ranker vs global retrieval vs the untrained re-ranker on the
-synthetic benchmark (the demo's 128 px images: 8x8 stage-3 maps), 2 DDP workers, and an ablation
-(no hard negatives / no Hide-and-Seek / no curriculum / all).
+synthetic benchmark at demo scale (the demo's collection, 128 px images), 2 DDP workers, and an
+ablation (no hard negatives / no Hide-and-Seek / no curriculum / all), all with the recipe of
+``configs/rerank-demo.yaml`` (its crop size and ``model.rerank_scale``: the untrained re-ranker
+is evaluated at the same scale as the trained ones).
 
-Steps: a synthetic collection at 128 px (cached in ``--work``); the starting CVNet (``--init``: a
-stage-1 export; default a seeded random init, exported once); hard negatives mined on its global
-descriptors with :func:`cvnet.search.search` (same landmark and self excluded, top-10) and
-committed with :mod:`cvnet.tables`; one ``cvnet train-rerank`` run per recipe (the demo config,
-``--steps``); each model evaluated on the benchmark's global top-``k`` (raw top-k shortlist).
-Prints a Markdown table of Medium / Hard mAP (and Easy).
+Steps: the demo's synthetic collection (cached in ``--work``); the starting CVNet (``--init``: a
+stage-1 export such as ``<store>/models/demo-stage1/cvnet_global.pth``; default a seeded random
+init, exported once); hard negatives mined on its global descriptors with
+:func:`cvnet.search.search` (same landmark and self excluded, top-10) and committed with
+:mod:`cvnet.tables`; one ``cvnet train-rerank`` run per recipe (``--steps``, the curriculum's
+ramps scaled to them); each model evaluated on the benchmark's global top-``k`` (raw top-k
+shortlist). Prints a Markdown table of Easy / Medium / Hard mAP.
 
-    .venv/bin/python bench/rerank_quality.py --work /tmp/rq --steps 150
+    .venv/bin/python bench/rerank_quality.py --work /tmp/rq --init <stage-1 export>
 """
 from __future__ import annotations
 
@@ -27,14 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 SYNTH = {"seed": 0, "landmarks": 100, "images_per_landmark": 12, "queries": 20,
          "distractors": 60, "size": 128}
-IMAGE_SIZE = 128  # 8x8 stage-3 maps: 256 px (16x16) costs ~8x more per step than 2 shared cores allow
-RECIPES = {  # overrides of configs/rerank-demo.yaml, against the full recipe ("all")
-    "all": [],
-    "no hard negatives": ["negatives.table=null"],
-    "no HaS": ["curriculum.has_prob.end=0", "curriculum.has_prob.start=0"],
-    "no curriculum": ["curriculum.hard_share.start=0.75", "curriculum.has_prob.start=0.3",
-                      "curriculum.hard_share.warmup_steps=0", "curriculum.has_prob.warmup_steps=0"],
-}
+CONFIG = ROOT / "configs" / "rerank-demo.yaml"
+
+
+def recipes(cfg) -> dict[str, list[str]]:
+    """Overrides of the demo config per ablation, against the full recipe ("all"); "no
+    curriculum" holds both values at their final level from the first step."""
+    constant = [f"curriculum.{key}.{field}={value}" for key in ("hard_share", "has_prob")
+                for field, value in (("start", getattr(cfg.curriculum, key).end),
+                                     ("warmup_steps", 0), ("ramp_steps", 0))]
+    return {"all": [], "no hard negatives": ["negatives.table=null"],
+            "no HaS": ["curriculum.has_prob.start=0", "curriculum.has_prob.end=0"],
+            "no curriculum": constant}
 
 
 def mine_negatives(model, gldv2: str, uri: str, top_k: int = 10) -> int:
@@ -75,9 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/cvnet-rerank-quality")
     parser.add_argument("--init", default=None, help="starting CVNet checkpoint (default: random)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None, help="default: the config's optim.max_steps")
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=["all", "no hard negatives", "no HaS", "no curriculum"])
     args = parser.parse_args()
 
     from cvnet.config import TrainRerankConfig, load_config
@@ -85,6 +92,10 @@ def main() -> None:
     from cvnet.models.checkpoints import load_model, save_checkpoint
     from cvnet.retrieval import evaluate_rerank
     from pipelines.train_rerank import fit_stage2, initial_model, load_trained_model, pin_negatives
+
+    demo = load_config(TrainRerankConfig, CONFIG)
+    steps = args.steps or demo.optim.max_steps
+    ablations = recipes(demo)
 
     started = time.monotonic()
     work = Path(args.work)
@@ -97,23 +108,25 @@ def main() -> None:
         save_checkpoint(initial_model({"init": None, "init_seed": 0, "depth": 50}), init,
                         {"stage": "random"})
     start = load_model(init)
+    start.rerank_scale = demo.model.rerank_scale or start.rerank_scale  # the untrained, at the trained scale
     negatives = str(work / "hard_negatives.lance")
     if not os.path.exists(negatives):
         mine_negatives(start, str(synth / "gldv2"), negatives)
     print(f"[quality] data, init and negatives ready ({time.monotonic() - started:.0f} s)", flush=True)
-    print(f"\nsynthetic benchmark {SYNTH}, 2 DDP workers, {args.steps} steps, global top-{args.k} "
-          f"re-ranked (raw top-k shortlist), fused global + 0.5 p\n")
+    print(f"\nsynthetic benchmark {SYNTH}, 2 DDP workers, {steps} steps, {demo.data.image_size} px "
+          f"crops, rerank_scale {start.rerank_scale}, global top-{args.k} re-ranked (raw top-k "
+          f"shortlist), fused global + 0.5 p\n")
     print("| model | Easy mAP | Medium mAP | Hard mAP |\n| --- | --- | --- | --- |", flush=True)
     for recipe in args.recipes:
         tic = time.monotonic()
-        name = f"quality-{recipe.replace(' ', '-')}-{args.steps}"
-        cfg = load_config(TrainRerankConfig, ROOT / "configs" / "rerank-demo.yaml", [
+        name = f"quality-{recipe.replace(' ', '-')}-{steps}"
+        scaled = [f"curriculum.{key}.{field}="
+                  f"{getattr(getattr(demo.curriculum, key), field) * steps // demo.optim.max_steps}"
+                  for key in ("hard_share", "has_prob") for field in ("warmup_steps", "ramp_steps")]
+        cfg = load_config(TrainRerankConfig, CONFIG, [
             f"name={name}", f"store={work / 'store'}",
             f"data.root={synth / 'gldv2'}", f"model.init={init}", f"negatives.table={negatives}",
-            f"data.image_size={IMAGE_SIZE}", f"optim.max_steps={args.steps}",
-            *(f"curriculum.{key}.{field}={args.steps // div}" for key in ("hard_share", "has_prob")
-              for field, div in (("warmup_steps", 5), ("ramp_steps", 2))),
-            *RECIPES[recipe]])
+            f"optim.max_steps={steps}", *scaled, *ablations[recipe]])
 
         def trained_results():
             result = fit_stage2(pin_negatives(cfg.model_dump()))

@@ -297,6 +297,10 @@ class RerankModelConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="re-ranker forward: exact fp32 "
                                                                    "or bf16 autocast (GPU)")
     maps_precision: Literal["fp32", "bf16"] = Field("fp32", description="frozen backbone's stage-3 maps")
+    rerank_scale: float | None = Field(None, gt=0, description="image scale of the re-ranker's stage-3 "
+                                       "maps at inference, kept in the exported checkpoint; set it to "
+                                       "about data.image_size / the images' side (None: the init's, "
+                                       "1.0 for released and stage-1 checkpoints)")
 
 
 class NegativesConfig(Section):

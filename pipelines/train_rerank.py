@@ -69,14 +69,19 @@ class RerankState:
 
 def initial_model(model: dict[str, Any]) -> CVNet:
     """The starting CVNet: the checkpoint ``model["init"]`` (a released CVNet or a stage-1
-    export, whose re-ranker is at its default init) or a seeded random init."""
+    export, whose re-ranker is at its default init) or a seeded random init; its
+    ``rerank_scale`` is ``model["rerank_scale"]`` when set, else the checkpoint's."""
     from cvnet.models.checkpoints import load_model
 
     if model["init"]:
-        return load_model(model["init"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(model["init_seed"])
-        return CVNet(model["depth"]).eval()
+        net = load_model(model["init"])
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model["init_seed"])
+            net = CVNet(model["depth"]).eval()
+    if model.get("rerank_scale"):
+        net.rerank_scale = float(model["rerank_scale"])
+    return net
 
 
 def build_rerank(model: CVNet, optim: dict[str, Any], precision: str = "fp32") -> RerankState:
@@ -155,7 +160,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                          read_image_bytes)
     make_batch = RerankBatches(pair_sampler(cfg, train_set), loader, curriculum(cfg),
                                optim["batch_size"], worker.rank, worker.world, cfg["seed"])
-    meta = {key: model_cfg[key] for key in ("init", "init_seed", "depth")}
+    meta = {key: model_cfg[key] for key in ("init", "init_seed", "depth", "rerank_scale")}
     run = training.TrainRun(worker, FILES, state, meta, "train-rerank", "pairs", fresh=not resumed)
     has = hide_and_seek_args(cfg)
     for batch in training.batches(make_batch, state.step, optim["max_steps"], cfg["loader"]):

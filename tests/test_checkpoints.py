@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +187,23 @@ def test_incomplete_torchvision_backbone_is_rejected(state):
 def test_importing_cvnet_imports_neither_ray_nor_torch():
     code = "import sys, cvnet; assert 'ray' not in sys.modules and 'torch' not in sys.modules; cvnet.load_model"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rerank_scale_is_kept_in_the_checkpoint_and_used_for_rerank_features(state, workdir):
+    model = cvnet.load_model(state)
+    assert model.rerank_scale == 1.0
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    assert model.rerank_features(image).size == (3, 4)
+    model.rerank_scale = 2.0
+    uri = str(workdir / "scaled.pth")
+    save_checkpoint(model, uri, {"stage": "rerank"})
+    assert torch.load(uri, weights_only=True)["cvnet"]["rerank_scale"] == 2.0
+    loaded = cvnet.load_model(uri)
+    assert loaded.rerank_scale == 2.0
+    scaled = loaded.rerank_features(image)
+    assert scaled.size == (6, 8)  # the stage-3 map of the image resized to 96 x 128
+    upscaled = cv2.resize(image, (128, 96), interpolation=cv2.INTER_LINEAR)
+    loaded.rerank_scale = 1.0
+    assert all(np.array_equal(a, b) for a, b in zip(scaled.levels, loaded.rerank_features(upscaled).levels))
+    with pytest.raises(ValueError, match="reserved keys \\['rerank_scale'\\]"):
+        save_checkpoint(model, str(workdir / "x.pth"), {"rerank_scale": 3.0})

@@ -34,6 +34,20 @@ def test_shipped_configs_load():
     assert demo.data.image_size == 256 and demo.scaling.num_workers == 2
 
 
+def test_rerank_scale_comes_from_the_config_else_from_the_init_checkpoint(workdir):
+    from cvnet.models.checkpoints import save_checkpoint
+    from pipelines.train_rerank import initial_model
+
+    random = {"init": None, "init_seed": 0, "depth": 50}
+    assert initial_model(random).rerank_scale == 1.0
+    scaled = initial_model({**random, "rerank_scale": 2.0})
+    assert scaled.rerank_scale == 2.0
+    champion = str(workdir / "champion.pth")
+    save_checkpoint(scaled, champion, {"stage": "rerank"})
+    assert initial_model({**random, "init": champion}).rerank_scale == 2.0  # a refresh keeps it
+    assert initial_model({**random, "init": champion, "rerank_scale": 1.5}).rerank_scale == 1.5
+
+
 def _tiny_state(seed: int = 0):
     from pipelines.train_rerank import build_rerank, initial_model
 

@@ -138,8 +138,9 @@ def load_model(source: Source, depth: int | None = None, device: str | torch.dev
     from cvnet.registry import resolve_checkpoint  # models:/NAME@ALIAS and models:/NAME/VERSION
     source = resolve_checkpoint(source)
     name = source_name(source)
-    state = load_state(source)
-    model = CVNet(depth or infer_depth(state, name))
+    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
+    state = state_dict_of(checkpoint, name)
+    model = CVNet(depth or infer_depth(state, name), checkpoint_rerank_scale(checkpoint))
     load_exact(model, state, name)
     model.encoder_q.to(memory_format=torch.channels_last)
     return model.to(device).eval()
@@ -154,7 +155,7 @@ def extractor_sha256(source: Source) -> str:
     import hashlib
 
     model = load_model(source)
-    digest = hashlib.sha256(json.dumps({"depth": model.depth, "rerank_scale": getattr(model, "rerank_scale", 1.0)},
+    digest = hashlib.sha256(json.dumps({"depth": model.depth, "rerank_scale": model.rerank_scale},
                                        sort_keys=True).encode())
     for name, tensor in sorted(model.encoder_q.state_dict().items()):
         digest.update(name.encode())
@@ -162,8 +163,15 @@ def extractor_sha256(source: Source) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_rerank_scale(checkpoint: Any) -> float:
+    """The re-ranker's image scale recorded in a loaded checkpoint of our format (1.0 otherwise:
+    released checkpoints and state dicts)."""
+    meta = checkpoint.get("cvnet") if isinstance(checkpoint, Mapping) else None
+    return float(meta.get("rerank_scale", 1.0)) if isinstance(meta, Mapping) else 1.0
+
+
 def _check_metadata(metadata: Mapping[str, Any]) -> None:
-    reserved = {"format", "depth"} & set(metadata)
+    reserved = {"format", "depth", "rerank_scale"} & set(metadata)
     if reserved:
         raise ValueError(f"checkpoint metadata may not set the reserved keys {sorted(reserved)}")
     try:
@@ -173,11 +181,14 @@ def _check_metadata(metadata: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(model: CVNet, uri: str, metadata: dict | None = None) -> None:
-    """Save ``{"model_state": ..., "cvnet": {"format": 1, "depth": ..., **metadata}}`` atomically."""
+    """Save ``{"model_state": ..., "cvnet": {"format": 1, "depth": ..., **metadata}}`` atomically;
+    a re-ranker scale other than the reference 1.0 is kept as ``"rerank_scale"``."""
     metadata = dict(metadata or {})
     _check_metadata(metadata)
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.rerank_scale != 1.0:
+        metadata["rerank_scale"] = model.rerank_scale
     torch.save({"model_state": state, "cvnet": {"format": FORMAT_VERSION, "depth": model.depth, **metadata}}, buffer)
     storage.put_atomic(os.fspath(uri), buffer.getvalue())
 

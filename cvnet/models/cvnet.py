@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cvnet.data.images import resize_for_scale
 from cvnet.models.global_net import DEFAULT_SCALES, GlobalNet, check_image, multiscale_descriptors, to_batch
 from cvnet.models.rerank import CVLearner, RerankFeatures, compute_rerank_features, make_conv2ds
 from cvnet.models.precision import precision_context
@@ -26,13 +27,21 @@ from cvnet.models.resnet import fold_batchnorm
 
 
 class CVNet(nn.Module):
-    """CVNet-Global + CVNet-Rerank; ``CVNet(depth)`` has torch's default random init."""
+    """CVNet-Global + CVNet-Rerank; ``CVNet(depth)`` has torch's default random init.
 
-    def __init__(self, depth: int = 50):
+    ``rerank_scale`` is the image scale of the re-ranker's stage-3 maps (the reference: 1.0);
+    a re-ranker trained on upscaled crops (the 128 px demo images at 256 px) keeps its scale
+    here and in its checkpoint, so extraction, re-ranking and evaluation see what it learned on.
+    """
+
+    def __init__(self, depth: int = 50, rerank_scale: float = 1.0):
         super().__init__()
+        if rerank_scale <= 0:
+            raise ValueError(f"rerank_scale: {rerank_scale} must be > 0")
         self.encoder_q = GlobalNet(depth)
         self.conv2ds = make_conv2ds()
         self.cv_learner = CVLearner()
+        self.rerank_scale = float(rerank_scale)
 
     @property
     def depth(self) -> int:
@@ -82,8 +91,10 @@ class CVNet(nn.Module):
         return self.feature_map_tensor(image).float().cpu().numpy()
 
     def rerank_features(self, image: np.ndarray) -> RerankFeatures:
-        """The per-image, cacheable re-ranking input (``.to_bytes()`` serialises it)."""
-        feature_map = self.feature_map_tensor(image)
+        """The per-image, cacheable re-ranking input (``.to_bytes()`` serialises it), from the
+        stage-3 map of the image resized by :attr:`rerank_scale`."""
+        check_image(image, 0)
+        feature_map = self.feature_map_tensor(resize_for_scale(image, self.rerank_scale))
         with self._inference():
             return compute_rerank_features(feature_map, self.conv2ds)
 
