@@ -26,8 +26,8 @@ def test_demo_runs_the_whole_loop_and_prints_one_json_object(ray_local, tmp_path
     from cvnet.tables import Table
 
     store = tmp_path / "store"
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
-               CVNET_MODEL_CACHE=str(tmp_path / "models"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the embedded default
+    env |= {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "CVNET_MODEL_CACHE": str(tmp_path / "models")}
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--store", str(store), "--json", *SMALL],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -59,4 +59,5 @@ def test_demo_runs_the_whole_loop_and_prints_one_json_object(ray_local, tmp_path
     assert rerank["previous"] == ("1" if refresh["promoted"] else None)
     client = MlflowClient(out["mlflow"]["tracking_uri"])
     assert len(client.search_model_versions("name = 'cvnet-rerank'")) == 2
+    assert out["mlflow"]["tracking_uri"] == f"sqlite:///{store}/mlflow.db"  # everything in the store
     assert out["seconds"]["total"] > 0 and set(out["mlflow"]["runs"]) == {"stage 1", "stage 2", "evaluate", "refresh"}
