@@ -119,28 +119,11 @@ def ensure_collection(root: str, overrides: list[str]) -> None:
                           f"{params[clash[0]]!r}; use another --store")
 
 
-def training_manifests(gldv2: str, first_uri: str, all_uri: str) -> tuple[int, int]:
-    """Manifests of the training images: the first pass's (a fixed ``FIRST_SHARE`` of them, by
-    image id) and the whole set, written later as the images that "arrive"; their sizes."""
-    from cvnet.data.gldv2 import gldv2_manifest
-    from cvnet.data.manifest import write_manifest
-
-    table = gldv2_manifest(gldv2, "train_clean", verify_md5=False).sort_by("image_id")
-    first = int(len(table) * FIRST_SHARE)
-    write_manifest(table.slice(0, first), first_uri)
-    return first, len(table)
-
-
-def write_all_images(gldv2: str, uri: str) -> None:
-    from cvnet.data.gldv2 import gldv2_manifest
-    from cvnet.data.manifest import write_manifest
-
-    write_manifest(gldv2_manifest(gldv2, "train_clean", verify_md5=False).sort_by("image_id"), uri)
-
-
 def map_rows(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """``label -> {easy, medium, hard}`` mAP x100."""
-    return {label: {p: round(100 * res[p]["map"], 2) for p in ("easy", "medium", "hard")}
+    from cvnet.data.revisitop import PROTOCOLS
+
+    return {label: {p: round(100 * res[p]["map"], 2) for p in PROTOCOLS}
             for label, res in results.items()}
 
 
@@ -161,6 +144,8 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The whole loop; returns the outcome (what ``--json`` prints)."""
     from cvnet import features, mining, registry, storage
     from cvnet.config import ConfigError, RefreshConfig, TrainGlobalConfig, TrainRerankConfig
+    from cvnet.data.gldv2 import gldv2_manifest
+    from cvnet.data.manifest import write_manifest
     from cvnet.retrieval import evaluate_global, flat_metrics
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
     from cvnet.training.steps import build_global_net
@@ -169,7 +154,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.extract import run_extract
     from pipelines.mine import run_mine
     from pipelines.ray_runtime import init_ray
-    from pipelines.refresh import features_output, run_refresh, step_config
+    from pipelines.refresh import check_config, features_output, run_refresh, step_config
     from pipelines.train_global import train_global
     from pipelines.train_rerank import train_rerank
 
@@ -180,23 +165,35 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     gldv2, bench = storage.join(synth, "gldv2"), storage.join(synth, "revisitop", "roxsynth")
     first_manifest = storage.join(store, "datasets", "synth-train-first.parquet")
     all_manifest = storage.join(store, "datasets", "synth-train.parquet")
+    common = [f"store={store}", f"data.root={gldv2}"]
+
+    def stage2_config(init: str, negatives: str) -> TrainRerankConfig:
+        return load_config(TrainRerankConfig, args.stage2, [*common, f"model.init={init}",
+                                                            f"negatives.table={negatives}", "eval.benchmark=",
+                                                            *overrides["stage2"]])
+
+    # every config checked before any work, so a bad key fails in seconds, not after stage 1
+    cfg1 = load_config(TrainGlobalConfig, args.stage1, [*common, f"eval.benchmark={bench}", *overrides["stage1"]])
+    refresh = load_config(RefreshConfig, args.refresh, [
+        f"store={store}", f"manifests=[{all_manifest}]", f"benchmark={bench}", f"train.data.root={gldv2}",
+        *overrides["refresh"]])
+    check_config(refresh)
+    for prefix, cfg in (("stage1", cfg1), ("stage2", stage2_config("pending", "pending"))):
+        if not cfg.register_as:
+            raise ConfigError(f"{prefix}.register_as: the demo registers its models (the refresh starts from them)")
+
     ensure_collection(synth, overrides["synth"])
-    first, everything = training_manifests(gldv2, first_manifest, all_manifest)
-    clock.done("synth", f"synthetic collection in {synth}; {first} of {everything} training images for now")
+    images = gldv2_manifest(gldv2, "train_clean", verify_md5=False).sort_by("image_id")
+    first = int(len(images) * FIRST_SHARE)  # a fixed share, by image id; the rest arrive before the refresh
+    write_manifest(images.slice(0, first), first_manifest)
+    clock.done("synth", f"synthetic collection in {synth}; {first} of {len(images)} training images for now")
 
     tracking_uri = resolve_tracking_uri(store)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Ray workers resolve models:/ URIs there
     init_ray()
-    common = [f"store={store}", f"data.root={gldv2}"]
-    cfg1 = load_config(TrainGlobalConfig, args.stage1, [*common, f"eval.benchmark={bench}", *overrides["stage1"]])
-    if not cfg1.register_as:
-        raise ConfigError("stage1.register_as: the demo registers its models (the refresh starts from them)")
     stage1 = train_global(cfg1)
     clock.done("stage 1", f"{stage1.model_uri} at step {stage1.step}, cvnet-global version {stage1.model_version}")
 
-    refresh = load_config(RefreshConfig, args.refresh, [
-        f"store={store}", f"manifests=[{all_manifest}]", f"benchmark={bench}", f"train.data.root={gldv2}",
-        *overrides["refresh"]])
     global_model = f"models:/{cfg1.register_as}/{stage1.model_version}"
     features_uri = features_output(refresh, store, global_model)
     extracted = run_extract(step_config(refresh, "extract", manifest=first_manifest, model=global_model,
@@ -206,11 +203,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     negatives = storage.join(mined.output, mining.TABLE)
     clock.done("mine", f"{mined.rows} row(s) of hard negatives in {negatives}")
 
-    cfg2 = load_config(TrainRerankConfig, args.stage2, [
-        *common, f"model.init={global_model}", f"negatives.table={negatives}", "eval.benchmark=",
-        *overrides["stage2"]])
-    if not cfg2.register_as:
-        raise ConfigError("stage2.register_as: the demo registers its models (the refresh starts from them)")
+    cfg2 = stage2_config(global_model, negatives)
     stage2 = train_rerank(cfg2)
     clock.done("stage 2", f"{stage2.model_uri} at step {stage2.step}, cvnet-rerank version {stage2.model_version}")
 
@@ -227,8 +220,8 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
         evaluate_run = run.info.run_id
     clock.done("evaluate", f"{rerank_model} on {bench}: rankings in {evaluated.rankings}")
 
-    write_all_images(gldv2, all_manifest)
-    clock.done("new images", f"{everything - first} training image(s) arrive: {all_manifest}")
+    write_manifest(images, all_manifest)
+    clock.done("new images", f"{len(images) - first} training image(s) arrive: {all_manifest}")
     refreshed = run_refresh(refresh, tracking_uri)
     clock.done("refresh", refreshed.message)
 
