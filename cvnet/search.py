@@ -99,10 +99,12 @@ def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str
                                 exclusions.largest_class)
     ranks = torch.from_numpy(exclusions.gallery_rank).to(device)
     keys, index = _search_tiles(q, g, k + margin, PRECISIONS[precision], tiles, exclusions, ranks)
-    keys, index = (t.cpu().numpy() for t in _rescore(q, g, keys, index, ranks, k))
-    found = keys != _NONE
+    keys, index, unsure = _rescore(q, g, keys, index, ranks, k, exact_tiles=precision == "fp32")
+    for row in torch.nonzero(unsure).flatten().tolist():  # more near-ties than the margin held
+        keys[row], index[row] = _exact_row(q[row], g, exclusions.in_tile(row, row + 1, 0, len(g)), ranks, k)
+    scores, index, found = _decode(keys).cpu().numpy(), index.cpu().numpy(), (keys != _NONE).cpu().numpy()
     ids = np.where(found, exclusions.gallery_ids[np.where(found, index, 0)] if len(g) else "", "")
-    return TopK(exclusions.query_ids, ids.astype(str), np.where(found, _decode(keys), -np.inf).astype(np.float32),
+    return TopK(exclusions.query_ids, ids.astype(str), np.where(found, scores, -np.inf).astype(np.float32),
                 pairs=q.shape[0] * g.shape[0])
 
 
@@ -136,17 +138,53 @@ def _search_tiles(q: torch.Tensor, g: torch.Tensor, k: int, dtype: torch.dtype, 
 
 
 def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, ranks: torch.Tensor,
-             k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``k`` of the candidates by their float64 inner products rounded to float32."""
+             k: int, exact_tiles: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best ``k`` of the candidates by their float64 inner products rounded to float32, and
+    the rows (Q,) bool where that may not be the exact top ``k`` of the whole gallery.
+
+    After fp32 tiles only the candidates that can reach the top ``k`` are re-scored: the first
+    ``k``, and any other whose tile score is within the fp32 GEMM's error bound of the lowest
+    bound of those (:func:`_fp32_error`); the others provably stay out. A row whose last carried
+    candidate is still within the bound is unsure: a candidate beyond the margin might be too.
+    After half-precision tiles every candidate is re-scored and no row is flagged."""
+    unsure = torch.zeros(q.shape[0], dtype=torch.bool, device=g.device)
     if g.shape[0] == 0:
-        return keys[:, :k], index[:, :k]
+        return keys[:, :k], index[:, :k], unsure
     rows = index.clamp(min=0)
-    scores = torch.empty(index.shape, device=g.device)
-    step = max(1, (16 << 20) // max(1, index.shape[1] * q.shape[1] * 8))  # 16 MiB of gathered rows
-    for r0, r1 in _spans(q.shape[0], step):
-        scores[r0:r1] = torch.einsum("qd,qcd->qc", q[r0:r1].double(), g[rows[r0:r1]].double()).float()
-    scores.masked_fill_(keys == _NONE, float("-inf"))
-    return _best(_encode(scores, ranks[rows]), index, k)
+    found = keys != _NONE
+    need = found.clone()
+    if exact_tiles and keys.shape[1] > k:
+        tile = _decode(keys)
+        error = _fp32_error(q.shape[1], q.norm(dim=1)[:, None] * g.norm(dim=1)[rows])
+        floor = torch.where(found[:, :k], tile[:, :k] - error[:, :k], float("inf")).amin(dim=1, keepdim=True)
+        need[:, k:] &= tile[:, k:] + error[:, k:] >= floor
+        unsure = need[:, -1]
+    scores = torch.full(index.shape, float("-inf"), device=g.device)
+    step = max(1, (16 << 20) // max(1, k * q.shape[1] * 8))  # 16 MiB of gathered rows
+    for r0, r1 in _spans(q.shape[0], step):  # the first k columns, dense
+        scores[r0:r1, :k] = torch.einsum("qd,qcd->qc", q[r0:r1].double(), g[rows[r0:r1, :k]].double()).float()
+    extra_r, extra_c = torch.nonzero(need[:, k:], as_tuple=True)
+    for p0, p1 in _spans(len(extra_r), step * k):  # the few others that may still enter
+        r, c = extra_r[p0:p1], extra_c[p0:p1] + k
+        scores[r, c] = (q[r].double() * g[rows[r, c]].double()).sum(dim=1).float()
+    scores.masked_fill_(~need, float("-inf"))
+    return (*_best(_encode(scores, ranks[rows]), index, k), unsure)
+
+
+def _exact_row(query: torch.Tensor, g: torch.Tensor, excluded: np.ndarray, ranks: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort keys and gallery rows of one query's top ``k``, every item scored in float64."""
+    scores = torch.cat([(g[g0:g1].double() @ query.double()).float() for g0, g1 in _spans(len(g), 4096)])
+    scores[torch.from_numpy(excluded).to(g.device)] = float("-inf")
+    keys, index = _best(_encode(scores, ranks)[None], torch.arange(len(g), device=g.device)[None], k)
+    return keys[0], index[0]
+
+
+def _fp32_error(dim: int, norms: torch.Tensor) -> torch.Tensor:
+    """Twice a bound on |fp32 inner product - exact| for vectors of these norm products: any
+    summation order errs by at most gamma_d |q| |g| (Higham, Thm 3.1), plus the final rounding."""
+    unit = 2.0 ** -24
+    return 2 * (dim + 1) * unit / (1 - (dim + 1) * unit) * norms
 
 
 def merge(*parts: TopK, k: int | None = None) -> TopK:
@@ -234,9 +272,10 @@ def _encode(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     return keys.masked_fill(scores == float("-inf"), int(_NONE))
 
 
-def _decode(keys: np.ndarray) -> np.ndarray:
+def _decode(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 scores of :func:`_encode`'s keys (``_NONE`` decodes to a finite junk value)."""
     bits = keys >> 32
-    return np.where(bits < 0, bits ^ _SIGN_FLIP, bits).astype(np.int32).view(np.float32)
+    return torch.where(bits < 0, bits ^ _SIGN_FLIP, bits).to(torch.int32).view(torch.float32)
 
 
 class _Exclusions:

@@ -112,6 +112,26 @@ def test_ties_are_ordered_by_id_across_tiles_and_at_the_kth_place():
     assert (result.scores[:, K - 1] == result.scores[:, K - 2]).any()  # a tie really sat at the k-th place
 
 
+def test_near_ties_below_fp32_rounding_come_out_in_exact_order():
+    """Gallery items whose scores differ by less than the fp32 GEMM's rounding error: the tiles
+    rank them in noise, and only the bounded re-score (first k plus every candidate within the
+    error bound of them) puts the float64 order back, at the k-th place too."""
+    rng = np.random.default_rng(3)
+    d = 512
+    base = unit_rows(rng, 1, d)
+    gallery_rows = base + 2e-5 * rng.standard_normal((400, d)).astype(np.float32)
+    gallery_rows /= np.linalg.norm(gallery_rows, axis=1, keepdims=True)
+    gallery = Descriptors(gallery_rows.astype(np.float32), [f"g{i:04d}" for i in rng.permutation(400)])
+    queries = Descriptors(base + 1e-3 * unit_rows(rng, 30, d), [f"q{i}" for i in range(30)])
+    expected = reference(queries, gallery, K)
+    gaps = np.diff(-expected.scores, axis=1)
+    assert (gaps < 1e-6).mean() > 0.5  # most neighbours are closer than fp32 can tell apart
+    fp32 = reference(queries, gallery, K, dtype=np.float32)
+    assert not np.array_equal(fp32.ids, expected.ids)  # a plain fp32 ranking gets the order wrong
+    for tiles in (Tiles(30, 400), Tiles(7, 50)):
+        assert_same(search(queries, gallery, K, tiles=tiles), expected)
+
+
 def test_self_is_excluded_and_only_with_exclude_self(dataset):
     everyone = Descriptors(dataset.vectors, dataset.ids)  # all-vs-all, no landmarks
     result = search(everyone, everyone, K, tiles=TILES)
