@@ -74,17 +74,18 @@ def default_output(store: str, features_uri: str, keep: int, precision: str) -> 
     return storage.join(store, "mining", f"{name}-keep{keep}-{precision}")
 
 
-def put_gallery(table: Table, ids: list[str], landmarks: np.ndarray, block_rows: int,
+def put_gallery(table: Table, ids: pa.Array, landmarks: np.ndarray, block_rows: int,
                 deltas: dict[int, np.ndarray]) -> Gallery:
     """Read the descriptors block by block (the driver holds one block) into the object store."""
     blocks, starts = [], []
     for start in range(0, len(ids), block_rows):
         rows = table.dataset.to_table(columns=["image_id", "descriptor"], offset=start, limit=block_rows)
-        if rows.column("image_id").to_pylist() != ids[start:start + block_rows]:
+        if not rows.column("image_id").combine_chunks().equals(ids.slice(start, block_rows)):
             raise MineError(f"{storage.redact(table.uri)}: rows moved between two reads of version {table.version}")
         blocks.append(ray.put(features.descriptors_of(rows)))
         starts.append(start)
-    return Gallery(blocks, starts, ray.put(np.asarray(ids, dtype=str)), ray.put(landmarks), ray.put(deltas))
+    return Gallery(blocks, starts, ray.put(ids.to_numpy(zero_copy_only=False).astype(str)), ray.put(landmarks),
+                   ray.put(deltas))
 
 
 class MineActor:
@@ -145,18 +146,18 @@ class MineActor:
 # ---- driver ------------------------------------------------------------------------------------
 
 def _landmarks(cfg: MineConfig, current: pa.Table) -> pa.Table:
-    """``current`` with its ``landmark_id`` taken from ``cfg.manifest`` when given."""
+    """``current`` with its ``landmark_id`` taken from ``cfg.manifest`` when given (Arrow
+    kernels: no Python object per image)."""
     if cfg.manifest is None:
         return current
-    manifest = read_manifest(cfg.manifest).select(["image_id", "landmark_id"])
-    joined = current.drop_columns(["landmark_id"]).join(manifest, "image_id", join_type="left outer")
-    missing = set(current.column("image_id").to_pylist()) - set(manifest.column("image_id").to_pylist())
-    if missing:
-        raise MineError(f"manifest {storage.redact(cfg.manifest)}: no landmark for {sorted(missing)[:5]} "
-                        f"({len(missing)} images of the features)")
-    position = {i: p for p, i in enumerate(current.column("image_id").to_pylist())}
-    order = np.argsort([position[i] for i in joined.column("image_id").to_pylist()])
-    return joined.take(order).select(current.column_names)
+    manifest = read_manifest(cfg.manifest)
+    at = pc.index_in(current.column("image_id"), value_set=manifest.column("image_id").combine_chunks())
+    missing = current.column("image_id").filter(pc.is_null(at))
+    if len(missing):
+        raise MineError(f"manifest {storage.redact(cfg.manifest)}: no landmark for "
+                        f"{sorted(missing.slice(0, 1000).to_pylist())[:5]} ({len(missing)} images of the features)")
+    landmarks = manifest.column("landmark_id").take(at).cast(current.schema.field("landmark_id").type)
+    return current.set_column(current.schema.get_field_index("landmark_id"), "landmark_id", landmarks)
 
 
 def _previous_uris(features_uri: str, versions: set[int]) -> dict[int, pa.Table | None]:
@@ -215,7 +216,7 @@ def run_mine(cfg: MineConfig) -> MineResult:
     started = time.monotonic()
     table = features.open_features(cfg.features)
     current = _landmarks(cfg, table.read(["image_id", "uri", "landmark_id"]))
-    ids = current.column("image_id").to_pylist()
+    ids = current.column("image_id").combine_chunks()
     output = cfg.output or default_output(cfg.store or storage.default_store(), cfg.features, cfg.keep,
                                           cfg.precision)
     settings = mining.mining_settings(table.settings, cfg.keep, cfg.precision, cfg.manifest or "features")
@@ -234,11 +235,10 @@ def run_mine(cfg: MineConfig) -> MineResult:
         writer.delete(plan.remove, message="images no longer in the features")
         pairs = 0
         if plan.rows:
-            landmarks = np.array([-1 if lm is None else lm for lm in current.column("landmark_id").to_pylist()],
-                                 dtype=np.int64)
+            landmarks = pc.fill_null(current.column("landmark_id"), -1).to_numpy().astype(np.int64)
             gallery = put_gallery(table, ids, landmarks, cfg.gallery_block_rows,
                                   {v: delta for v, (_, delta) in plan.incremental.items()})
-            ds = _queries(plan, current.column("image_id").combine_chunks(), mined, cfg.query_rows).map_batches(
+            ds = _queries(plan, ids, mined, cfg.query_rows).map_batches(
                 MineActor, batch_format="pyarrow", batch_size=cfg.query_rows,
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus,
                 num_gpus=cfg.actor_gpus or None,

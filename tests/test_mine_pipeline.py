@@ -17,7 +17,7 @@ from cvnet.config import MineConfig
 from cvnet.search import Descriptors, TopK, recall_at_k
 from cvnet.tables import Table, TableWriter
 from mine_data import clustered, write_features
-from pipelines.mine import put_gallery, run_mine
+from pipelines.mine import MineError, put_gallery, run_mine
 from ray_procs import kill_actors_mid_run, table_version, wait_for
 from test_search import assert_same, reference
 
@@ -91,7 +91,7 @@ def test_fp16_tiles_recall(ray_local, data, tmp_path):
 def test_landmarks_from_a_manifest(ray_local, data, tmp_path):
     import pyarrow as pa
 
-    from cvnet.data.manifest import write_manifest
+    from cvnet.data.manifest import read_manifest, write_manifest
 
     ids, X, lm = data
     uri = features_at(tmp_path, data, N)
@@ -102,6 +102,12 @@ def test_landmarks_from_a_manifest(ray_local, data, tmp_path):
                              "split": ["train"] * N}), manifest)
     result = run_mine(config(uri, str(tmp_path / "out"), manifest=manifest))
     assert_same(mined(result.output), by_id(expected((ids, X, relabelled), N)))
+    short = str(tmp_path / "short.parquet")  # a manifest that lacks two of the images
+    rows = read_manifest(manifest)
+    write_manifest(rows.slice(2), short)
+    dropped = sorted(rows.column("image_id")[:2].to_pylist())
+    with pytest.raises(MineError, match=rf"no landmark for \['{dropped[0]}', '{dropped[1]}'\] \(2 images"):
+        run_mine(config(uri, str(tmp_path / "out2"), manifest=short))
 
 
 def test_incremental_equals_full_with_fewer_pairs(ray_local, data, tmp_path):
@@ -154,7 +160,7 @@ def test_gallery_blocks_are_read_only_shared_views(ray_local, data, tmp_path):
 
     uri = features_at(tmp_path, data, N)
     table = features.open_features(uri)
-    gallery = put_gallery(table, table.read(["image_id"]).column(0).to_pylist(), data[2][:N], 128, {})
+    gallery = put_gallery(table, table.read(["image_id"]).column(0).combine_chunks(), data[2][:N], 128, {})
 
     @ray.remote(num_cpus=0)
     def inspect(blocks):
