@@ -1,6 +1,7 @@
 """Checkpoint loading and saving: official layouts, our format, ImageNet backbones, bad files."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -93,6 +94,21 @@ def test_extractor_hash_ignores_the_reranker_and_sees_the_global_network(state, 
     key = next(k for k in state if k.startswith("encoder_q.") and state[k].is_floating_point())
     torch.save({**state, key: state[key] + 1}, workdir / "other-backbone.pth")
     assert extractor_sha256(str(workdir / "start.pth")) != extractor_sha256(str(workdir / "other-backbone.pth"))
+
+
+def test_extractor_hash_loads_a_file_once_and_sees_it_change(state, workdir, monkeypatch):
+    from cvnet.models import checkpoints
+
+    loads, load = [], checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda source: loads.append(source) or load(source))
+    path = workdir / "model.pth"
+    torch.save(state, path)
+    first = extractor_sha256(str(path))
+    assert extractor_sha256(str(path)) == extractor_sha256(path) == first and len(loads) == 1
+    key = next(k for k in state if k.startswith("encoder_q.") and state[k].is_floating_point())
+    torch.save({**state, key: state[key] + 1}, path)  # rewritten in place: size equal, mtime not
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    assert extractor_sha256(str(path)) != first and len(loads) == 2
 
 
 def test_save_and_load_on_s3(state, s3_bucket):

@@ -8,6 +8,7 @@ read with ``torch.load(weights_only=True)`` from a local path or any URI of
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -151,10 +152,22 @@ def extractor_sha256(source: Source) -> str:
     tensors (``encoder_q``, whose stages also give the re-ranker's maps) and the settings the
     extraction reads from it. Checkpoints that differ only in the re-ranker (a stage-2 model
     and the one it was fine-tuned from, backbone frozen) extract the same features, so their
-    extraction outputs are shared."""
+    extraction outputs are shared. A local file is hashed once per (path, size, mtime): the
+    steps of one job that each ask for it load the checkpoint once."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        stat = os.stat(source)
+        return _file_extractor_sha256(os.path.abspath(source), stat.st_size, stat.st_mtime_ns)
+    return _extractor_digest(load_model(source))
+
+
+@functools.lru_cache(maxsize=16)
+def _file_extractor_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return _extractor_digest(load_model(path))
+
+
+def _extractor_digest(model: CVNet) -> str:
     import hashlib
 
-    model = load_model(source)
     digest = hashlib.sha256(json.dumps({"depth": model.depth, "rerank_scale": model.rerank_scale},
                                        sort_keys=True).encode())
     for name, tensor in sorted(model.encoder_q.state_dict().items()):
