@@ -89,7 +89,7 @@ class Clock:
         now = time.monotonic()
         self.seconds[step] = round(now - self.last, 1)
         self.last = now
-        print(f"[demo] {step}: {what} ({self.seconds[step]:.0f} s, {now - self.started:.0f} s in all)", flush=True)
+        print(f"[demo] {step}: {what} ({self.seconds[step]:.1f} s, {now - self.started:.1f} s in all)", flush=True)
 
     @property
     def total(self) -> float:
