@@ -104,7 +104,8 @@ def exact_reference(data: Descriptors, candidates: TopK, k: int) -> TopK:
     rows = {i: r for r, i in enumerate(data.ids)}
     index = np.vectorize(lambda i: rows.get(i, -1))(candidates.ids)
     x = data.vectors.astype(np.float64)
-    scores = np.einsum("qd,qcd->qc", x, x[np.maximum(index, 0)]).astype(np.float32)
+    scores = np.concatenate([np.einsum("qd,qcd->qc", x[r:r + 512], x[np.maximum(index[r:r + 512], 0)])
+                             for r in range(0, len(x), 512)]).astype(np.float32)  # 512 rows: ~200 MiB
     scores[index < 0] = -np.inf
     order = np.array([np.lexsort((ids, -row))[:k] for ids, row in zip(candidates.ids, scores)])
     return TopK(data.ids, np.take_along_axis(candidates.ids, order, 1), np.take_along_axis(scores, order, 1))
