@@ -342,6 +342,12 @@ class RerankOptimConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm")
 
 
+class MapCacheSection(Section):
+    views: int = Field(0, ge=0, description="fixed augmented views per training image whose stage-3 "
+                                            "maps each worker computes once and keeps (float16, ~0.5 MB "
+                                            "a 16x16 map); 0: fresh views, maps on the fly every step")
+
+
 class RerankEvalConfig(Section):
     benchmark: str | None = Field(None, description="revisitop-format dataset dir to evaluate on")
     k: int = Field(100, ge=1, description="global shortlist re-ranked")
@@ -361,6 +367,7 @@ class TrainRerankConfig(Section):
     negatives: NegativesConfig = NegativesConfig()
     curriculum: CurriculumSection = CurriculumSection()
     hide_and_seek: HideAndSeekSection = HideAndSeekSection()
+    map_cache: MapCacheSection = MapCacheSection()
     optim: RerankOptimConfig = RerankOptimConfig()
     scaling: ScalingSection = ScalingSection()
     checkpoint: CheckpointSection = CheckpointSection()

@@ -1,7 +1,8 @@
 """Stage-2 training (CVNet-Rerank) on the training skeleton (:mod:`pipelines.training`).
 
-The backbone is frozen; the stage-3 maps are computed on the fly from it (eval mode, no grad)
-for the images of each step's pairs. Only the model's ``conv2ds`` + ``cv_learner`` train, through
+The backbone is frozen; the stage-3 maps are computed from it (eval mode, no grad) for the
+images of each step's pairs, on the fly or, with ``map_cache.views`` > 0, once per fixed view and
+worker (:class:`~cvnet.training.rerank_data.MapCache`). Only the model's ``conv2ds`` + ``cv_learner`` train, through
 :class:`~cvnet.training.rerank_step.PairScorer` (the module DDP wraps). Pairs: anchors with one
 positive and negatives from a hard-negatives table (the curriculum's share) or at random; Hide-and-
 Seek hides cells of the maps with the curriculum's probability. Checkpoints hold the re-ranker's
@@ -22,7 +23,7 @@ from cvnet.models.cvnet import CVNet
 from cvnet.training.curriculum import Curriculum, Schedule
 from cvnet.training.data import BatchLoader, TrainSet, load_train_set
 from cvnet.training.pairs import PairSampler
-from cvnet.training.rerank_data import RerankBatches, RerankImages, pair_maps
+from cvnet.training.rerank_data import MapCache, RerankBatches, RerankImages, pair_maps
 from cvnet.training.rerank_step import MapBatch, PairScorer, freeze_backbone, rerank_step
 from cvnet.training.steps import warmup_cosine
 from pipelines import training
@@ -159,12 +160,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
                          read_image_bytes)
     make_batch = RerankBatches(pair_sampler(cfg, train_set), loader, curriculum(cfg),
-                               optim["batch_size"], worker.rank, worker.world, cfg["seed"])
+                               optim["batch_size"], worker.rank, worker.world, cfg["seed"],
+                               cfg["map_cache"]["views"])
+    cache = MapCache() if cfg["map_cache"]["views"] else None
     meta = {key: model_cfg[key] for key in ("init", "init_seed", "depth", "rerank_scale")}
     run = training.TrainRun(worker, FILES, state, meta, "train-rerank", "pairs", fresh=not resumed)
     has = hide_and_seek_args(cfg)
     for batch in training.batches(make_batch, state.step, optim["max_steps"], cfg["loader"]):
-        maps = pair_maps(backbone, batch, worker.device, model_cfg["maps_precision"])
+        maps = pair_maps(backbone, batch, worker.device, model_cfg["maps_precision"], cache)
         maps = maps.hidden(batch.has_prob, [cfg["seed"], batch.step, worker.rank], **has)
         metrics = train_step(state, maps, batch, optim["clip_grad_norm"])
         run.step_done(len(batch.pairs.keys) * worker.world, metrics, batch.bad_inputs)
