@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -303,6 +303,12 @@ class RerankModelConfig(Section):
                                        "1.0 for released and stage-1 checkpoints)")
 
 
+class PositivesConfig(Section):
+    self_share: float = Field(0.0, ge=0, le=1, description="share of positives that are another augmented "
+                                                         "view of the anchor image itself (ours; 0: another "
+                                                         "image of its landmark, the paper's)")
+
+
 class NegativesConfig(Section):
     table: str | None = Field(None, description="hard-negatives table URI (image_id, landmark_id, "
                                                 "negative_ids, negative_scores); None: random negatives")
@@ -364,6 +370,7 @@ class TrainRerankConfig(Section):
     log_every: int = Field(10, ge=1, description="log metrics every N steps")
     data: DataConfig = DataConfig()
     model: RerankModelConfig = RerankModelConfig()
+    positives: PositivesConfig = PositivesConfig()
     negatives: NegativesConfig = NegativesConfig()
     curriculum: CurriculumSection = CurriculumSection()
     hide_and_seek: HideAndSeekSection = HideAndSeekSection()
@@ -373,6 +380,13 @@ class TrainRerankConfig(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     loader: LoaderSection = LoaderSection()
     eval: RerankEvalConfig = RerankEvalConfig()
+
+    @model_validator(mode="after")
+    def _self_positives_need_two_views(self) -> TrainRerankConfig:
+        if self.positives.self_share > 0 and self.map_cache.views == 1:
+            raise ValueError("map_cache.views: 1 fixed view would give a self positive the anchor's "
+                             "own maps; use 0 (fresh views) or >= 2 with positives.self_share > 0")
+        return self
 
 
 # ---- mine ------------------------------------------------------------------------------------

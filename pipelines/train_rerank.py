@@ -5,7 +5,8 @@ images of each step's pairs, on the fly or, with ``map_cache.views`` > 0, once p
 worker (:class:`~cvnet.training.rerank_data.MapCache`). Only the model's ``conv2ds`` + ``cv_learner`` train, through
 :class:`~cvnet.training.rerank_step.PairScorer` (the module DDP wraps). Pairs: anchors with one
 positive and negatives from a hard-negatives table (the curriculum's share) or at random; Hide-and-
-Seek hides cells of the maps with the curriculum's probability. Checkpoints hold the re-ranker's
+Seek hides cells of the maps with the curriculum's probability; ``positives.self_share`` of the
+positives are another view of the anchor image. Checkpoints hold the re-ranker's
 state, the optimizer, the schedule, the step and a digest of each step's pairs and images
 (``sample_digests``), so a resumed run can be checked to have continued the same order.
 """
@@ -134,7 +135,7 @@ def pair_sampler(cfg: dict[str, Any], train_set: TrainSet) -> PairSampler:
     if neg["table"]:
         table = read_table(neg["table"], ["image_id", "landmark_id", "negative_ids"], neg["version"])
     return PairSampler(train_set, table, neg["per_anchor"], neg["top_k"], cfg["data"]["sampling"],
-                       cfg["seed"])
+                       cfg["seed"], cfg["positives"]["self_share"])
 
 
 def hide_and_seek_args(cfg: dict[str, Any]) -> dict[str, Any]:

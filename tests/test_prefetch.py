@@ -95,7 +95,7 @@ def test_stage2_prefetched_batches_make_the_pairs_and_their_maps(train_set):
         pairs = sampler.worker_pairs(a.step, 2, 0, 2, 0.0)
         np.testing.assert_array_equal(b.pairs.keys, pairs.keys)
         assert b.has_prob == pytest.approx(0.1 * a.step)
-        assert len(b.images) == len(np.unique(np.concatenate([pairs.anchors, pairs.keys])))
+        assert len(b.images) == len(np.unique(pairs.anchors)) + len(np.unique(pairs.keys))
 
     torch.manual_seed(0)
     from cvnet.models.cvnet import CVNet
@@ -124,8 +124,8 @@ def test_stage2_fixed_views_and_the_map_cache_give_the_on_the_fly_maps(train_set
     for batch in batches:
         assert batch.view_keys.shape == (len(batch.images), 2)
         assert set(batch.view_keys[:, 1].tolist()) <= {0, 1}
-        np.testing.assert_array_equal(batch.view_keys[:, 0],
-                                      np.unique(np.concatenate([batch.pairs.anchors, batch.pairs.keys])))
+        np.testing.assert_array_equal(batch.view_keys[:, 0], np.concatenate(
+            [np.unique(batch.pairs.anchors), np.unique(batch.pairs.keys)]))
         for key, image in zip(map(tuple, batch.view_keys.tolist()), batch.images):
             assert torch.equal(seen.setdefault(key, image), image)
     assert len(seen) < sum(len(b.images) for b in batches)  # views do repeat across steps
@@ -147,6 +147,22 @@ def test_stage2_fixed_views_and_the_map_cache_give_the_on_the_fly_maps(train_set
     with pytest.raises(ValueError, match="map_cache.views"):
         pair_maps(backbone, RerankBatches(sampler, _loader(train_set), Curriculum(), 2, 0, 2, 1)(0), "cpu",
                   cache=MapCache())
+
+
+def test_stage2_a_self_positive_is_another_view_of_the_anchor(train_set):
+    sampler = PairSampler(train_set, None, negatives_per_anchor=1, seed=1, self_positives=1.0)
+    for views in (0, 3):  # fresh views, fixed views
+        make = RerankBatches(sampler, _loader(train_set), Curriculum(), 2, 0, 2, 1, views)
+        for step in range(4):
+            batch = make(step)
+            pos = np.flatnonzero(batch.pairs.labels == 1)
+            anchors = batch.pairs.query_of[pos]
+            np.testing.assert_array_equal(batch.pairs.keys[pos], batch.pairs.anchors[anchors])
+            for q, k in zip(batch.query_pos[anchors], batch.key_pos[pos]):
+                assert q != k and not torch.equal(batch.images[q], batch.images[k])
+                if views:
+                    assert batch.view_keys[q, 0] == batch.view_keys[k, 0]
+                    assert batch.view_keys[q, 1] != batch.view_keys[k, 1]
 
 
 def test_prefetch_rejects_fork():

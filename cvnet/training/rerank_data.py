@@ -58,18 +58,30 @@ class RerankBatches:
         point = self.curriculum(step)
         pairs = self.sampler.worker_pairs(step, self.batch_size, self.rank, self.world_size,
                                           point.hard_share)
-        images, positions = np.unique(np.concatenate([pairs.anchors, pairs.keys]), return_inverse=True)
+        queries, query_pos = np.unique(pairs.anchors, return_inverse=True)
+        keys, key_pos = np.unique(pairs.keys, return_inverse=True)
+        images = np.concatenate([queries, keys])  # a key never shares its query's view
         rng = np.random.default_rng([self.seed, step, self.rank])
-        keys = None
+        view_keys = None
         if self.views:
-            keys = np.stack([images, rng.integers(0, self.views, len(images))], axis=1)
+            view_keys = np.stack([images, self._fixed_views(queries, keys, rng)], axis=1)
             views = torch.cat([self.loader.views(np.array([i]), np.random.default_rng([self.seed, i, v]), 1)[0]
-                               for i, v in keys.tolist()])
+                               for i, v in view_keys.tolist()])
         else:
             (views,) = self.loader.views(images, rng, 1)
-        split = len(pairs.anchors)
-        return RerankImages(step, views, positions[:split], positions[split:], pairs,
-                            point.has_prob, self.loader.new_bad_inputs(), keys)
+        return RerankImages(step, views, query_pos, len(queries) + key_pos, pairs,
+                            point.has_prob, self.loader.new_bad_inputs(), view_keys)
+
+    def _fixed_views(self, queries: np.ndarray, keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The view of each query, then of each key; a key that is also a query (a self positive)
+        gets another of its views than the query's (with ``views`` > 1)."""
+        query_views = rng.integers(0, self.views, len(queries))
+        key_views = rng.integers(0, self.views, len(keys))
+        also = np.isin(keys, queries)
+        if also.any() and self.views > 1:
+            own = query_views[np.searchsorted(queries, keys[also])]
+            key_views[also] = (own + 1 + rng.integers(0, self.views - 1, int(also.sum()))) % self.views
+        return np.concatenate([query_views, key_views])
 
 
 class MapCache:
