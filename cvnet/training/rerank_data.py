@@ -26,8 +26,10 @@ from cvnet.training.rerank_step import MapBatch, stage3_maps
 @dataclass(frozen=True)
 class RerankImages:
     """One worker's stage-2 batch of ``step``: ``images`` (N, 3, S, S), one view per distinct
-    image of the pairs; ``query_pos`` (A,) and ``key_pos`` (P,) index it; ``has_prob`` is the
-    curriculum's Hide-and-Seek probability at ``step``."""
+    anchor image, then one per distinct key image (an image that is both gets two views);
+    ``query_pos`` (A,) and ``key_pos`` (P,) index it; ``has_prob`` is the curriculum's
+    Hide-and-Seek probability at ``step``; ``view_keys`` (N, 2) the (image index, view) of each
+    row when the views are fixed (else None)."""
 
     step: int
     images: torch.Tensor
@@ -36,7 +38,7 @@ class RerankImages:
     pairs: PairBatch
     has_prob: float
     bad_inputs: dict[int, dict[str, str]]
-    view_keys: np.ndarray | None = None  # (N, 2) (image index, view) per row of images; fixed views only
+    view_keys: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
