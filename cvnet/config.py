@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -303,6 +303,12 @@ class RerankModelConfig(Section):
                                        "1.0 for released and stage-1 checkpoints)")
 
 
+class PositivesConfig(Section):
+    self_share: float = Field(0.0, ge=0, le=1, description="share of positives that are another augmented "
+                                                         "view of the anchor image itself (ours; 0: another "
+                                                         "image of its landmark, the paper's)")
+
+
 class NegativesConfig(Section):
     table: str | None = Field(None, description="hard-negatives table URI (image_id, landmark_id, "
                                                 "negative_ids, negative_scores); None: random negatives")
@@ -342,6 +348,12 @@ class RerankOptimConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm")
 
 
+class MapCacheSection(Section):
+    views: int = Field(0, ge=0, description="fixed augmented views per training image whose stage-3 "
+                                            "maps each worker computes once and keeps (float16, ~0.5 MB "
+                                            "a 16x16 map); 0: fresh views, maps on the fly every step")
+
+
 class RerankEvalConfig(Section):
     benchmark: str | None = Field(None, description="revisitop-format dataset dir to evaluate on")
     k: int = Field(100, ge=1, description="global shortlist re-ranked")
@@ -358,14 +370,23 @@ class TrainRerankConfig(Section):
     log_every: int = Field(10, ge=1, description="log metrics every N steps")
     data: DataConfig = DataConfig()
     model: RerankModelConfig = RerankModelConfig()
+    positives: PositivesConfig = PositivesConfig()
     negatives: NegativesConfig = NegativesConfig()
     curriculum: CurriculumSection = CurriculumSection()
     hide_and_seek: HideAndSeekSection = HideAndSeekSection()
+    map_cache: MapCacheSection = MapCacheSection()
     optim: RerankOptimConfig = RerankOptimConfig()
     scaling: ScalingSection = ScalingSection()
     checkpoint: CheckpointSection = CheckpointSection()
     loader: LoaderSection = LoaderSection()
     eval: RerankEvalConfig = RerankEvalConfig()
+
+    @model_validator(mode="after")
+    def _self_positives_need_two_views(self) -> TrainRerankConfig:
+        if self.positives.self_share > 0 and self.map_cache.views == 1:
+            raise ValueError("map_cache.views: 1 fixed view would give a self positive the anchor's "
+                             "own maps; use 0 (fresh views) or >= 2 with positives.self_share > 0")
+        return self
 
 
 # ---- mine ------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Stage-2 training (CVNet-Rerank) on the training skeleton (:mod:`pipelines.training`).
 
-The backbone is frozen; the stage-3 maps are computed on the fly from it (eval mode, no grad)
-for the images of each step's pairs. Only the model's ``conv2ds`` + ``cv_learner`` train, through
+The backbone is frozen; the stage-3 maps are computed from it (eval mode, no grad) for the
+images of each step's pairs, on the fly or, with ``map_cache.views`` > 0, once per fixed view and
+worker (:class:`~cvnet.training.rerank_data.MapCache`). Only the model's ``conv2ds`` + ``cv_learner`` train, through
 :class:`~cvnet.training.rerank_step.PairScorer` (the module DDP wraps). Pairs: anchors with one
 positive and negatives from a hard-negatives table (the curriculum's share) or at random; Hide-and-
-Seek hides cells of the maps with the curriculum's probability. Checkpoints hold the re-ranker's
+Seek hides cells of the maps with the curriculum's probability; ``positives.self_share`` of the
+positives are another view of the anchor image. Checkpoints hold the re-ranker's
 state, the optimizer, the schedule, the step and a digest of each step's pairs and images
 (``sample_digests``), so a resumed run can be checked to have continued the same order.
 """
@@ -22,7 +24,7 @@ from cvnet.models.cvnet import CVNet
 from cvnet.training.curriculum import Curriculum, Schedule
 from cvnet.training.data import BatchLoader, TrainSet, load_train_set
 from cvnet.training.pairs import PairSampler
-from cvnet.training.rerank_data import RerankBatches, RerankImages, pair_maps
+from cvnet.training.rerank_data import MapCache, RerankBatches, RerankImages, pair_maps
 from cvnet.training.rerank_step import MapBatch, PairScorer, freeze_backbone, rerank_step
 from cvnet.training.steps import warmup_cosine
 from pipelines import training
@@ -133,7 +135,7 @@ def pair_sampler(cfg: dict[str, Any], train_set: TrainSet) -> PairSampler:
     if neg["table"]:
         table = read_table(neg["table"], ["image_id", "landmark_id", "negative_ids"], neg["version"])
     return PairSampler(train_set, table, neg["per_anchor"], neg["top_k"], cfg["data"]["sampling"],
-                       cfg["seed"])
+                       cfg["seed"], cfg["positives"]["self_share"])
 
 
 def hide_and_seek_args(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -159,12 +161,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
                          read_image_bytes)
     make_batch = RerankBatches(pair_sampler(cfg, train_set), loader, curriculum(cfg),
-                               optim["batch_size"], worker.rank, worker.world, cfg["seed"])
+                               optim["batch_size"], worker.rank, worker.world, cfg["seed"],
+                               cfg["map_cache"]["views"])
+    cache = MapCache() if cfg["map_cache"]["views"] else None
     meta = {key: model_cfg[key] for key in ("init", "init_seed", "depth", "rerank_scale")}
     run = training.TrainRun(worker, FILES, state, meta, "train-rerank", "pairs", fresh=not resumed)
     has = hide_and_seek_args(cfg)
     for batch in training.batches(make_batch, state.step, optim["max_steps"], cfg["loader"]):
-        maps = pair_maps(backbone, batch, worker.device, model_cfg["maps_precision"])
+        maps = pair_maps(backbone, batch, worker.device, model_cfg["maps_precision"], cache)
         maps = maps.hidden(batch.has_prob, [cfg["seed"], batch.step, worker.rank], **has)
         metrics = train_step(state, maps, batch, optim["clip_grad_norm"])
         run.step_done(len(batch.pairs.keys) * worker.world, metrics, batch.bad_inputs)

@@ -167,3 +167,24 @@ def test_a_set_of_singletons_has_no_anchors():
     ts = TrainSet(["a", "b"], ["a.jpg", "b.jpg"], np.array([0, 1]), np.array([10, 11]))
     with pytest.raises(TrainDataError, match="no landmark has two images"):
         PairSampler(ts)
+
+
+def test_self_positives_take_their_share_and_leave_the_other_draws_alone(sampler, train_set, table):
+    selfish = PairSampler(train_set, table, negatives_per_anchor=3, top_k=TOP_K, seed=5, self_positives=0.4)
+    own = []
+    for step in range(60):
+        a, b = sampler.global_pairs(step, 8, 0.5), selfish.global_pairs(step, 8, 0.5)
+        np.testing.assert_array_equal(a.anchors, b.anchors)
+        np.testing.assert_array_equal(a.keys[a.labels == 0], b.keys[b.labels == 0])
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.hard, b.hard)
+        positive = b.keys[b.labels == 1]
+        same = positive == b.anchors
+        np.testing.assert_array_equal(positive[~same], a.keys[a.labels == 1][~same])
+        own.append(same)
+    assert np.mean(own) == pytest.approx(0.4, abs=0.06)  # 480 draws: 4 standard deviations
+    always = PairSampler(train_set, table, negatives_per_anchor=3, top_k=TOP_K, seed=5, self_positives=1.0)
+    batch = always.global_pairs(3, 8, 0.5)
+    np.testing.assert_array_equal(batch.keys[batch.labels == 1], batch.anchors)
+    with pytest.raises(ValueError, match="self_positives: 1.5"):
+        PairSampler(train_set, table, self_positives=1.5)

@@ -14,7 +14,7 @@ from cvnet.data.manifest import read_image_bytes, tar_member_uri
 from cvnet.training.curriculum import Curriculum, Schedule
 from cvnet.training.data import BatchLoader, Stage1Batches, TrainSet, prefetch_batches
 from cvnet.training.pairs import PairSampler
-from cvnet.training.rerank_data import RerankBatches, pair_maps
+from cvnet.training.rerank_data import MapCache, RerankBatches, pair_maps
 from cvnet.training.rerank_step import freeze_backbone
 
 LANDMARKS = 4
@@ -95,7 +95,7 @@ def test_stage2_prefetched_batches_make_the_pairs_and_their_maps(train_set):
         pairs = sampler.worker_pairs(a.step, 2, 0, 2, 0.0)
         np.testing.assert_array_equal(b.pairs.keys, pairs.keys)
         assert b.has_prob == pytest.approx(0.1 * a.step)
-        assert len(b.images) == len(np.unique(np.concatenate([pairs.anchors, pairs.keys])))
+        assert len(b.images) == len(np.unique(pairs.anchors)) + len(np.unique(pairs.keys))
 
     torch.manual_seed(0)
     from cvnet.models.cvnet import CVNet
@@ -108,6 +108,61 @@ def test_stage2_prefetched_batches_make_the_pairs_and_their_maps(train_set):
     with torch.no_grad():
         want = backbone.stage3(batch.images[batch.key_pos[:1]])
     torch.testing.assert_close(maps.keys[:1], want)
+
+
+def test_stage2_fixed_views_and_the_map_cache_give_the_on_the_fly_maps(train_set):
+    """views=2: an image's view is one of two fixed ones, the same tensor at every step that draws
+    it; the cache computes a view's map once, a hit equals the (float16-rounded) on-the-fly map,
+    and a fresh cache (a restarted worker) gives the same maps."""
+    from cvnet.models.cvnet import CVNet
+
+    sampler = PairSampler(train_set, None, negatives_per_anchor=1, seed=1)
+    make = RerankBatches(sampler, _loader(train_set), Curriculum(), batch_size=2, rank=0,
+                         world_size=2, seed=1, views=2)
+    batches = list(prefetch_batches(make, 0, 6, num_workers=1, context="spawn"))
+    seen = {}
+    for batch in batches:
+        assert batch.view_keys.shape == (len(batch.images), 2)
+        assert set(batch.view_keys[:, 1].tolist()) <= {0, 1}
+        np.testing.assert_array_equal(batch.view_keys[:, 0], np.concatenate(
+            [np.unique(batch.pairs.anchors), np.unique(batch.pairs.keys)]))
+        for key, image in zip(map(tuple, batch.view_keys.tolist()), batch.images):
+            assert torch.equal(seen.setdefault(key, image), image)
+    assert len(seen) < sum(len(b.images) for b in batches)  # views do repeat across steps
+    assert len({k[0] for k in seen if k[1] == 0} & {k[0] for k in seen if k[1] == 1})  # two views of an image
+    assert not torch.equal(make(0).images, RerankBatches(sampler, _loader(train_set), Curriculum(), 2, 0, 2, 1)(0).images)
+
+    torch.manual_seed(0)
+    backbone = freeze_backbone(CVNet(50))
+    cache = MapCache()
+    for batch in batches:
+        maps = pair_maps(backbone, batch, "cpu", cache=cache)
+        with torch.no_grad():
+            want = torch.cat([backbone.stage3(image[None]) for image in batch.images]).half().float()
+        torch.testing.assert_close(maps.queries, want[batch.query_pos], rtol=0, atol=0)
+        torch.testing.assert_close(maps.keys, want[batch.key_pos], rtol=0, atol=0)
+    assert cache.misses == len(cache) == len(seen) and cache.hits == sum(len(b.images) for b in batches) - len(seen)
+    fresh = pair_maps(backbone, batches[-1], "cpu", cache=MapCache())
+    assert torch.equal(fresh.keys, pair_maps(backbone, batches[-1], "cpu", cache=cache).keys)
+    with pytest.raises(ValueError, match="map_cache.views"):
+        pair_maps(backbone, RerankBatches(sampler, _loader(train_set), Curriculum(), 2, 0, 2, 1)(0), "cpu",
+                  cache=MapCache())
+
+
+def test_stage2_a_self_positive_is_another_view_of_the_anchor(train_set):
+    sampler = PairSampler(train_set, None, negatives_per_anchor=1, seed=1, self_positives=1.0)
+    for views in (0, 3):  # fresh views, fixed views
+        make = RerankBatches(sampler, _loader(train_set), Curriculum(), 2, 0, 2, 1, views)
+        for step in range(4):
+            batch = make(step)
+            pos = np.flatnonzero(batch.pairs.labels == 1)
+            anchors = batch.pairs.query_of[pos]
+            np.testing.assert_array_equal(batch.pairs.keys[pos], batch.pairs.anchors[anchors])
+            for q, k in zip(batch.query_pos[anchors], batch.key_pos[pos]):
+                assert q != k and not torch.equal(batch.images[q], batch.images[k])
+                if views:
+                    assert batch.view_keys[q, 0] == batch.view_keys[k, 0]
+                    assert batch.view_keys[q, 1] != batch.view_keys[k, 1]
 
 
 def test_prefetch_rejects_fork():

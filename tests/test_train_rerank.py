@@ -166,7 +166,8 @@ def test_worker_fault_resumes_same_order_equal_weights_s3_and_mlflow(
     is a server; Ray Train restarts the group, which resumes from step 2 and finishes. The run's
     per-step sample digests and its final re-ranker weights equal an uninterrupted run's; the
     server has the run (with the negatives' version as an input) and cvnet-rerank. The uninterrupted
-    run loads synchronously, the faulted one through a loader process."""
+    run loads synchronously, the faulted one through a loader process; both keep the stage-3 maps
+    of 2 fixed views per image (map_cache.views) and draw half of the positives as self positives."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -175,7 +176,9 @@ def test_worker_fault_resumes_same_order_equal_weights_s3_and_mlflow(
     from pipelines.training import read_meta, read_state
 
     table, version = negatives_table
-    common = TINY + [f"data.root={tiny_synth}", f"negatives.table={table}"]
+    # with the map cache and self positives: the restarted worker's empty cache recomputes the maps
+    common = TINY + [f"data.root={tiny_synth}", f"negatives.table={table}", "map_cache.views=2",
+                     "positives.self_share=0.5"]
     marker = workdir / "fault"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.faults", "3", str(marker),

@@ -9,7 +9,9 @@ keeps its own anchors' pairs, so all DDP ranks run the same number of steps.
   ``balanced`` by landmark) over the images whose landmark has at least two images. An image
   alone in its landmark has no positive, so it is never an anchor; it still serves as a
   negative of other landmarks (easy, or hard when the mining lists it).
-- **Positive**: another image of the anchor's landmark, uniformly.
+- **Positive**: another image of the anchor's landmark, uniformly; or, with probability
+  ``self_positives``, the anchor image itself (the batch gives it another augmented view, so the
+  pair is two crops of one scene: correspondences the re-ranker can always find; ours).
 - **Negatives**: ``negatives_per_anchor`` per anchor. Of the global batch's negative slots,
   ``hard_share`` are hard, rounded stochastically (floor plus one with the fractional part's
   probability), so the expected share is exact at any batch size. A hard negative is drawn
@@ -145,9 +147,12 @@ class PairSampler:
 
     def __init__(self, train_set: TrainSet, hard_negatives: HardNegatives | None = None,
                  negatives_per_anchor: int = 1, top_k: int = 10, sampling: str = "uniform",
-                 seed: int = 0):
+                 seed: int = 0, self_positives: float = 0.0):
         if negatives_per_anchor < 1:
             raise ValueError(f"negatives_per_anchor: {negatives_per_anchor} must be >= 1")
+        if not 0.0 <= self_positives <= 1.0:
+            raise ValueError(f"self_positives: {self_positives} is outside [0, 1]")
+        self.self_positives = self_positives
         if top_k < 1:
             raise ValueError(f"top_k: {top_k} must be >= 1")
         self.train_set, self.seed, self.sampling = train_set, seed, sampling
@@ -204,6 +209,8 @@ class PairSampler:
             negative[hard] = self.mined.indices[self.mined.offsets[slot_anchor[hard]] + pick[hard]]
         else:
             hard[:] = False
+        if self.self_positives:  # drawn last: the other draws do not depend on it
+            positive = np.where(rng.random(len(anchor)) < self.self_positives, anchor, positive)
         keys = np.concatenate([positive[:, None], negative.reshape(-1, n_neg)], axis=1)
         labels = np.zeros_like(keys)
         labels[:, 0] = 1
