@@ -1,7 +1,7 @@
 """Does stage 2 work? Trained re-ranker vs global retrieval vs the untrained re-ranker on the
 synthetic benchmark at demo scale (the demo's collection, 128 px images), 2 DDP workers, and an
 ablation (no hard negatives / no Hide-and-Seek / no curriculum / all), all with the recipe of
-``configs/rerank-demo.yaml`` (its crop size and ``model.rerank_scale``: the untrained re-ranker
+``configs/rerank-synthetic.yaml`` (its crop size and ``model.rerank_scale``: the untrained re-ranker
 is evaluated at the same scale as the trained ones).
 
 Steps: the demo's synthetic collection (cached in ``--work``); the starting CVNet (``--init``: a
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 SYNTH = {"seed": 0, "landmarks": 100, "images_per_landmark": 12, "queries": 20,
          "distractors": 60, "size": 128}
-CONFIG = ROOT / "configs" / "rerank-demo.yaml"
+CONFIG = ROOT / "configs" / "rerank-synthetic.yaml"
 
 
 def recipes(cfg) -> dict[str, list[str]]:

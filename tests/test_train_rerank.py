@@ -27,7 +27,7 @@ TINY = ["data.image_size=64", "optim.batch_size=2", "optim.max_steps=4", "optim.
 
 
 def test_shipped_configs_load():
-    for name in ("rerank-demo", "rerank-gldv2-clean-r50", "rerank-gldv2-clean-r101"):
+    for name in ("rerank-demo", "rerank-synthetic", "rerank-gldv2-clean-r50", "rerank-gldv2-clean-r101"):
         cfg = load_config(TrainRerankConfig, ROOT / "configs" / f"{name}.yaml")
         assert cfg.negatives.top_k == 10 and cfg.curriculum.hard_share.end > 0
     demo = load_config(TrainRerankConfig, ROOT / "configs" / "rerank-demo.yaml")
