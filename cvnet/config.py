@@ -97,14 +97,20 @@ class EvalConfig(Section):
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, description="multi-scale inference scales")
 
 
-class TrainGlobalConfig(Section):
-    name: str = Field("stage1", description="run name: rerunning the same name resumes it")
+class TrainingRun(Section):
+    """The fields every training job shares; each stage adds its name, MLflow experiment and
+    registered model name, with its own defaults."""
+
     store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
+    seed: int = Field(0, description="sampling, augmentation and Hide-and-Seek seed")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+
+
+class TrainGlobalConfig(TrainingRun):
+    name: str = Field("stage1", description="run name: rerunning the same name resumes it")
     experiment: str = Field("cvnet-stage1", description="MLflow experiment")
     register_as: str | None = Field("cvnet-global", description="registered model name (None: do not register)")
-    seed: int = Field(0, description="sampling and augmentation seed")
-    log_every: int = Field(10, ge=1, description="log metrics every N steps")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -360,14 +366,10 @@ class RerankEvalConfig(Section):
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, description="multi-scale global inference scales")
 
 
-class TrainRerankConfig(Section):
+class TrainRerankConfig(TrainingRun):
     name: str = Field("stage2", description="run name: rerunning the same name resumes it")
-    store: str | None = Field(None, description="store root (default CVNET_STORE or ./cvnet-store)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the store)")
     experiment: str = Field("cvnet-stage2", description="MLflow experiment")
     register_as: str | None = Field("cvnet-rerank", description="registered model name (None: do not register)")
-    seed: int = Field(0, description="sampling, augmentation and Hide-and-Seek seed")
-    log_every: int = Field(10, ge=1, description="log metrics every N steps")
     data: DataConfig = DataConfig()
     model: RerankModelConfig = RerankModelConfig()
     positives: PositivesConfig = PositivesConfig()
