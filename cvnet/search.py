@@ -12,11 +12,13 @@ point). A score is the float64 inner product rounded to float32, so that results
 the tiling, the sharding, the device or the BLAS (two fp32 GEMM kernels round a product
 differently in the last bit, which swaps near-equal neighbours): the tiles run in ``precision``
 (``fp32`` default: IEEE fp32, TF32 off) and carry ``k + margin`` candidates, and these are
-re-scored in float64 at the end. ``fp16`` / ``bf16`` tiles choose the candidates in half
+re-scored in float64 at the end; rows where more candidates than that lie within the fp32 error
+bound of the k-th are searched again with a wider margin. ``fp16`` / ``bf16`` tiles choose the candidates in half
 precision (an approximate mode: measure it with :func:`recall_at_k` against an fp32 search).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -98,10 +100,15 @@ def search(queries: Descriptors, gallery: Descriptors, k: int, *, precision: str
     tiles = tiles or plan_tiles(q.shape[0], g.shape[0], q.shape[1], k + margin, memory_budget, precision,
                                 exclusions.largest_class)
     ranks = torch.from_numpy(exclusions.gallery_rank).to(device)
-    keys, index = _search_tiles(q, g, k + margin, PRECISIONS[precision], tiles, exclusions, ranks)
-    keys, index, unsure = _rescore(q, g, keys, index, ranks, k, exact_tiles=precision == "fp32")
-    for row in torch.nonzero(unsure).flatten().tolist():  # more near-ties than the margin held
-        keys[row], index[row] = _exact_row(q[row], g, exclusions.in_tile(row, row + 1, 0, len(g)), ranks, k)
+    width, dtype, exact_tiles = k + margin, PRECISIONS[precision], precision == "fp32"
+    keys, index = _search_tiles(q, g, width, dtype, tiles, exclusions, ranks)
+    keys, index, unsure = _rescore(q, g, keys, index, ranks, k, exact_tiles)
+    while unsure.any():  # more candidates within the fp32 bound than the margin held: widen it for those rows
+        rows, width = torch.nonzero(unsure).flatten(), min(4 * width, g.shape[0])
+        again = exclusions.of_queries(rows.cpu().numpy())
+        wide = _search_tiles(q[rows], g, width, dtype, plan_tiles(
+            len(rows), g.shape[0], q.shape[1], width, memory_budget, precision, again.largest_class), again, ranks)
+        keys[rows], index[rows], unsure[rows] = _rescore(q[rows], g, *wide, ranks, k, exact_tiles)
     scores, index, found = _decode(keys).cpu().numpy(), index.cpu().numpy(), (keys != _NONE).cpu().numpy()
     ids = np.where(found, exclusions.gallery_ids[np.where(found, index, 0)] if len(g) else "", "")
     return TopK(exclusions.query_ids, ids.astype(str), np.where(found, scores, -np.inf).astype(np.float32),
@@ -145,7 +152,8 @@ def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.
     After fp32 tiles only the candidates that can reach the top ``k`` are re-scored: the first
     ``k``, and any other whose tile score is within the fp32 GEMM's error bound of the lowest
     bound of those (:func:`_fp32_error`); the others provably stay out. A row whose last carried
-    candidate is still within the bound is unsure: a candidate beyond the margin might be too.
+    candidate is still within the bound is unsure: a candidate beyond the margin might be too
+    (:func:`search` searches those rows again with a wider margin).
     After half-precision tiles every candidate is re-scored and no row is flagged."""
     unsure = torch.zeros(q.shape[0], dtype=torch.bool, device=g.device)
     if g.shape[0] == 0:
@@ -155,10 +163,10 @@ def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.
     need = found.clone()
     if exact_tiles and keys.shape[1] > k:
         tile = _decode(keys)
-        error = _fp32_error(q.shape[1], q.norm(dim=1)[:, None] * g.norm(dim=1)[rows])
+        error = _fp32_error(q.shape[1], q.norm(dim=1)[:, None] * _norms_of(g, rows))
         floor = torch.where(found[:, :k], tile[:, :k] - error[:, :k], float("inf")).amin(dim=1, keepdim=True)
         need[:, k:] &= tile[:, k:] + error[:, k:] >= floor
-        unsure = need[:, -1]
+        unsure = need[:, -1] & (keys.shape[1] < g.shape[0])  # a carried whole gallery leaves nothing out
     scores = torch.full(index.shape, float("-inf"), device=g.device)
     step = max(1, (16 << 20) // max(1, k * q.shape[1] * 8))  # 16 MiB of gathered rows
     for r0, r1 in _spans(q.shape[0], step):  # the first k columns, dense
@@ -171,13 +179,14 @@ def _rescore(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor, index: torch.
     return (*_best(_encode(scores, ranks[rows]), index, k), unsure)
 
 
-def _exact_row(query: torch.Tensor, g: torch.Tensor, excluded: np.ndarray, ranks: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort keys and gallery rows of one query's top ``k``, every item scored in float64."""
-    scores = torch.cat([(g[g0:g1].double() @ query.double()).float() for g0, g1 in _spans(len(g), 4096)])
-    scores[torch.from_numpy(excluded).to(g.device)] = float("-inf")
-    keys, index = _best(_encode(scores, ranks)[None], torch.arange(len(g), device=g.device)[None], k)
-    return keys[0], index[0]
+def _norms_of(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """|g| of the gallery rows ``rows`` (any shape), each distinct row once: few queries against a
+    large gallery touch only their candidates, not every gallery row."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    norms = g.new_empty(len(unique))
+    for u0, u1 in _spans(len(unique), 4096):
+        norms[u0:u1] = g[unique[u0:u1]].norm(dim=1)
+    return norms[inverse]
 
 
 def _fp32_error(dim: int, norms: torch.Tensor) -> torch.Tensor:
@@ -307,6 +316,13 @@ class _Exclusions:
                 self.largest_class = int(np.bincount(gallery_class).max())
                 at = np.minimum(np.searchsorted(classes, query_lm), len(classes) - 1)
                 self.query_class = np.where((query_lm >= 0) & (classes[at] == query_lm), at, -1)
+
+    def of_queries(self, rows: np.ndarray) -> _Exclusions:
+        """The same exclusions for the queries at positions ``rows`` only."""
+        part = copy.copy(self)
+        part.query_ids, part.self_position, part.query_class = (
+            self.query_ids[rows], self.self_position[rows], self.query_class[rows])
+        return part
 
     def in_tile(self, q0: int, q1: int, g0: int, g1: int) -> np.ndarray:
         """Flat indices (row * width + column) of the excluded pairs in a tile."""

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cvnet.search import Descriptors, Tiles, TopK, merge, plan_tiles, recall_at_k, search, tile_bytes
+import cvnet.search as search_module
+from cvnet.search import MARGIN, Descriptors, Tiles, TopK, merge, plan_tiles, recall_at_k, search, tile_bytes
 
 K = 10
 BIG_CLASS = 150  # one landmark larger than k and than the gallery tile below
@@ -112,7 +113,7 @@ def test_ties_are_ordered_by_id_across_tiles_and_at_the_kth_place():
     assert (result.scores[:, K - 1] == result.scores[:, K - 2]).any()  # a tie really sat at the k-th place
 
 
-def test_near_ties_below_fp32_rounding_come_out_in_exact_order():
+def test_near_ties_below_fp32_rounding_come_out_in_exact_order(monkeypatch):
     """Gallery items whose scores differ by less than the fp32 GEMM's rounding error: the tiles
     rank them in noise, and only the bounded re-score (first k plus every candidate within the
     error bound of them) puts the float64 order back, at the k-th place too."""
@@ -128,8 +129,17 @@ def test_near_ties_below_fp32_rounding_come_out_in_exact_order():
     assert (gaps < 1e-6).mean() > 0.5  # most neighbours are closer than fp32 can tell apart
     fp32 = reference(queries, gallery, K, dtype=np.float32)
     assert not np.array_equal(fp32.ids, expected.ids)  # a plain fp32 ranking gets the order wrong
+    widths, search_tiles = [], search_module._search_tiles
+
+    def counted(q, g, k, *rest):
+        widths.append((len(q), k))
+        return search_tiles(q, g, k, *rest)
+
+    monkeypatch.setattr(search_module, "_search_tiles", counted)
     for tiles in (Tiles(30, 400), Tiles(7, 50)):
         assert_same(search(queries, gallery, K, tiles=tiles), expected)
+    assert widths[0] == (30, K + MARGIN)
+    assert any(k > K + MARGIN for _, k in widths), widths  # more near-ties than the margin: searched again wider
 
 
 def test_self_is_excluded_and_only_with_exclude_self(dataset):
