@@ -155,7 +155,7 @@ def _landmarks(cfg: MineConfig, current: pa.Table) -> pa.Table:
     missing = current.column("image_id").filter(pc.is_null(at))
     if len(missing):
         raise MineError(f"manifest {storage.redact(cfg.manifest)}: no landmark for "
-                        f"{sorted(missing.slice(0, 1000).to_pylist())[:5]} ({len(missing)} images of the features)")
+                        f"{missing.take(pc.sort_indices(missing)[:5]).to_pylist()} ({len(missing)} images of the features)")
     landmarks = manifest.column("landmark_id").take(at).cast(current.schema.field("landmark_id").type)
     return current.set_column(current.schema.get_field_index("landmark_id"), "landmark_id", landmarks)
 
