@@ -83,7 +83,7 @@ def test_cluster_job_with_remote_store_and_local_tracking_fails_fast(monkeypatch
 
 
 def test_submit_extract_runs_on_the_cluster(ray_head, tmp_path):
-    from cvnet import features, storage
+    from cvnet import features
     from cvnet.data.manifest import write_manifest
     from cvnet.models.checkpoints import extractor_sha256, save_checkpoint
     from cvnet.models.cvnet import CVNet
