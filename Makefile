@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Where no NVIDIA GPU is present pip takes the local CPU build of torch for this pin.
 TORCH_PIN ?= torch==2.13.*
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cvnet demo
 
-test: $(STAMP)
+# The report's rendering test screenshots it in headless Chromium: taken from the OS packages where
+# this user may (root with apt-get, as on CI), else that one test says why it is skipped.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "make browser: no chromium installed (needs root and apt-get); the report's browser test will skip"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
