@@ -13,8 +13,9 @@ the tiling, the sharding, the device or the BLAS (two fp32 GEMM kernels round a 
 differently in the last bit, which swaps near-equal neighbours): the tiles run in ``precision``
 (``fp32`` default: IEEE fp32, TF32 off) and carry ``k + margin`` candidates, and these are
 re-scored in float64 at the end; rows where more candidates than that lie within the fp32 error
-bound of the k-th are searched again with a wider margin. ``fp16`` / ``bf16`` tiles choose the candidates in half
-precision (an approximate mode: measure it with :func:`recall_at_k` against an fp32 search).
+bound of the k-th are searched again with a wider margin. ``fp16`` / ``bf16`` tiles choose the
+candidates in half precision (an approximate mode: measure it with :func:`recall_at_k` against an
+fp32 search).
 """
 from __future__ import annotations
 
