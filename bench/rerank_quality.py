@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the config's optim.max_steps")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--recipes", nargs="*", default=["all", "no hard negatives", "no HaS", "no curriculum"])
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the config for every recipe (e.g. data.perspective=0.2)")
     args = parser.parse_args()
 
     from cvnet.config import TrainRerankConfig, load_config
@@ -119,14 +122,14 @@ def main() -> None:
     print("| model | Easy mAP | Medium mAP | Hard mAP |\n| --- | --- | --- | --- |", flush=True)
     for recipe in args.recipes:
         tic = time.monotonic()
-        name = f"quality-{recipe.replace(' ', '-')}-{steps}"
+        name = re.sub(r"[^\w.]+", "-", " ".join(["quality", recipe, str(steps), *args.overrides]))
         scaled = [f"curriculum.{key}.{field}="
                   f"{getattr(getattr(demo.curriculum, key), field) * steps // demo.optim.max_steps}"
                   for key in ("hard_share", "has_prob") for field in ("warmup_steps", "ramp_steps")]
         cfg = load_config(TrainRerankConfig, CONFIG, [
             f"name={name}", f"store={work / 'store'}",
             f"data.root={synth / 'gldv2'}", f"model.init={init}", f"negatives.table={negatives}",
-            f"optim.max_steps={steps}", *scaled, *ablations[recipe]])
+            f"optim.max_steps={steps}", *scaled, *args.overrides, *ablations[recipe]])
 
         def trained_results():
             result = fit_stage2(pin_negatives(cfg.model_dump()))

@@ -37,6 +37,8 @@ class DataConfig(Section):
     image_size: int = Field(224, gt=15, description="square training crop side, pixels")
     crop_scale: tuple[float, float] = Field((0.25, 1.0), description="random-resized-crop area range")
     flip: bool = Field(True, description="random horizontal flips")
+    perspective: float = Field(0.0, ge=0, lt=0.5, description="random perspective: each crop "
+                               "corner moves inwards by up to this share of the crop's side (0: off)")
     sampling: Literal["uniform", "balanced"] = Field(
         "uniform", description="uniform: epochs over images; balanced: landmark first, then image")
 

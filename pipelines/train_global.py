@@ -50,7 +50,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                               worker, FILES)
     set_train_mode(state.model, frozen)
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
-                         read_image_bytes)
+                         read_image_bytes, data["perspective"])
     if model["center_head"] and not resumed:
         _center_head(state, loader, worker)
     state.model = ray.train.torch.prepare_model(state.model)  # keeps train/eval modes

@@ -159,7 +159,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     resumed = training.resume(state, [backbone, state.scorer], worker, FILES)
     state.scorer = ray.train.torch.prepare_model(state.scorer)
     loader = BatchLoader(train_set, data["image_size"], tuple(data["crop_scale"]), data["flip"],
-                         read_image_bytes)
+                         read_image_bytes, data["perspective"])
     make_batch = RerankBatches(pair_sampler(cfg, train_set), loader, curriculum(cfg),
                                optim["batch_size"], worker.rank, worker.world, cfg["seed"],
                                cfg["map_cache"]["views"])

@@ -131,9 +131,10 @@ class BatchLoader:
     """
 
     def __init__(self, train_set: TrainSet, image_size: int, crop_scale: tuple[float, float],
-                 flip: bool, read_bytes: Callable[[str], bytes]):
+                 flip: bool, read_bytes: Callable[[str], bytes], perspective: float = 0.0):
         self.train_set = train_set
         self.image_size, self.crop_scale, self.flip = image_size, crop_scale, flip
+        self.perspective = perspective
         self.read_bytes = read_bytes
         self.bad_inputs: dict[int, dict[str, str]] = {}
         self._reported: set[int] = set()
@@ -161,7 +162,7 @@ class BatchLoader:
             image = self._decode(int(index))
             for views in out:
                 views.append(normalize(training_view(image, self.image_size, rng, self.crop_scale,
-                                                     self.flip)))
+                                                     self.flip, self.perspective)))
         return [torch.from_numpy(np.stack(views)) for views in out]
 
     def load(self, indices: np.ndarray, rng: np.random.Generator
