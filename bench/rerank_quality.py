@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 SYNTH = {"seed": 0, "landmarks": 100, "images_per_landmark": 12, "queries": 20,
          "distractors": 60, "size": 128}
 CONFIG = ROOT / "configs" / "rerank-synthetic.yaml"
+RECIPES = ("all", "no hard negatives", "no HaS", "no curriculum")
 
 
 def recipes(cfg) -> dict[str, list[str]]:
@@ -40,9 +41,8 @@ def recipes(cfg) -> dict[str, list[str]]:
     constant = [f"curriculum.{key}.{field}={value}" for key in ("hard_share", "has_prob")
                 for field, value in (("start", getattr(cfg.curriculum, key).end),
                                      ("warmup_steps", 0), ("ramp_steps", 0))]
-    return {"all": [], "no hard negatives": ["negatives.table=null"],
-            "no HaS": ["curriculum.has_prob.start=0", "curriculum.has_prob.end=0"],
-            "no curriculum": constant}
+    return dict(zip(RECIPES, ([], ["negatives.table=null"],
+                              ["curriculum.has_prob.start=0", "curriculum.has_prob.end=0"], constant)))
 
 
 def mine_negatives(model, gldv2: str, uri: str, top_k: int = 10) -> int:
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="starting CVNet checkpoint (default: random)")
     parser.add_argument("--steps", type=int, default=None, help="default: the config's optim.max_steps")
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--recipes", nargs="*", default=["all", "no hard negatives", "no HaS", "no curriculum"])
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="overrides of the config for every recipe (e.g. data.perspective=0.2)")
     args = parser.parse_args()
