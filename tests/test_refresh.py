@@ -211,7 +211,9 @@ def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_pe
         try:
             state = _wait_for(lambda: _state(store), first, "the refresh state")
             checkpoints = store / "checkpoints" / f"refresh-{state['id']}"
-            _wait_for(lambda: list(checkpoints.glob("step_*/stage2_state.pt")), first, "a stage-2 checkpoint")
+            snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # Ray Train's list of reported ones
+            _wait_for(lambda: snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text(), first,
+                      "a reported stage-2 checkpoint")  # a step folder alone may not be reported yet
             second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert second.returncode == 3, second.stdout + second.stderr[-3000:]
             assert f"pid {first.pid}) since " in second.stderr and "is held by cvnet refresh" in second.stderr
