@@ -31,10 +31,17 @@ def crop_box(height: int, width: int, rng: np.random.Generator,
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.25, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """A crop of :func:`crop_box`, resized to size x size."""
-    _check(image)
-    y, x, h, w = crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        perspective: float = 0.0) -> np.ndarray:
+    """A crop of :func:`crop_box` resized to size x size; with ``perspective`` > 0, seen in a
+    random perspective (:func:`perspective_homography`)."""
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"random_resized_crop: expected a non-empty HxWxC image, got {image.shape}")
+    box = crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    if perspective:
+        return cv2.warpPerspective(image, perspective_homography(box, size, rng, perspective),
+                                   (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    y, x, h, w = box
     interpolation = cv2.INTER_AREA if h * w > size * size else cv2.INTER_LINEAR
     return cv2.resize(image[y:y + h, x:x + w], (size, size), interpolation=interpolation)
 
@@ -54,21 +61,6 @@ def perspective_homography(box: tuple[int, int, int, int], size: int, rng: np.ra
     return cv2.getPerspectiveTransform(source.astype(np.float32), target.astype(np.float32))
 
 
-def perspective_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                     scale: tuple[float, float], strength: float) -> np.ndarray:
-    """A crop of :func:`crop_box` seen in a random perspective (:func:`perspective_homography`),
-    size x size."""
-    _check(image)
-    box = crop_box(image.shape[0], image.shape[1], rng, scale)
-    return cv2.warpPerspective(image, perspective_homography(box, size, rng, strength), (size, size),
-                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def _check(image: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"random_resized_crop: expected a non-empty HxWxC image, got {image.shape}")
-
-
 def random_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """Mirror left-right with probability ``p``."""
     return np.ascontiguousarray(image[:, ::-1]) if rng.random() < p else image
@@ -77,7 +69,6 @@ def random_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> 
 def training_view(image: np.ndarray, size: int, rng: np.random.Generator,
                   scale: tuple[float, float], flip: bool, perspective: float = 0.0) -> np.ndarray:
     """One augmented view: random-resized crop to ``size`` (with a random perspective of up to
-    ``perspective``, see :func:`perspective_crop`), then an optional random flip."""
-    view = (perspective_crop(image, size, rng, scale, perspective) if perspective
-            else random_resized_crop(image, size, rng, scale))
+    ``perspective``), then an optional random flip."""
+    view = random_resized_crop(image, size, rng, scale, perspective=perspective)
     return random_flip(view, rng) if flip else view
