@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def raylet_pid(node) -> int:
@@ -53,6 +54,30 @@ def table_version(uri: str) -> int:
         return Table.open(uri).version
     except FileNotFoundError:
         return 0
+
+
+class JobThread(threading.Thread):
+    """A job run in a thread: :meth:`result` returns what it returned or raises what it raised,
+    so a test that fails on the job shows the job's own error."""
+
+    def __init__(self, job, *args: Any) -> None:
+        super().__init__(daemon=True)
+        self._job, self._args = job, args
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._result = self._job(*self._args)
+        except BaseException as error:  # re-raised in the test's thread by result()
+            self._error = error
+
+    def result(self) -> Any:
+        if self.is_alive():
+            raise TimeoutError(f"{self._job.__name__} is still running")
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def kill_actors_mid_run(ray, name: bytes, runner: threading.Thread) -> set[int]:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import cv2
@@ -23,7 +22,7 @@ from cvnet.models.rerank import RerankFeatures
 from cvnet.models.synthetic_weights import synthetic_state_dict
 from cvnet.tables import LeaseHeld, SettingsMismatch, Table
 from flaky_fs import injected_failures
-from ray_procs import kill_actors_mid_run, table_version, wait_for
+from ray_procs import JobThread, kill_actors_mid_run, table_version, wait_for
 from pipelines.extract import ExtractError, TooManyBadInputs, run_extract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,15 +272,14 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, dataset, t
     output = tmp_path / "out"
     dataset, manifest, slow = _with_slow_image(dataset, tmp_path)
     cfg = _config(dataset, str(output), manifest=manifest, part_rows=1, shard_size=1, read_rows=1, transient_retries=4)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
+    runner = JobThread(run_extract, cfg)
     runner.start()
     try:
         wait_for(lambda: table_version(str(output / features.FEATURES)) >= 2, 120, "nothing committed")
         restarted = kill_actors_mid_run(ray_local, b"ExtractActor", runner)  # a new actor serves the rest
     finally:
         runner.join(timeout=240)
-    assert "result" in outcome and restarted
+    assert runner.result() and restarted
     _check_output(str(output), dataset, good=N_GOOD + 1)
 
 
@@ -353,8 +351,7 @@ def _two_runs_at_once(dataset, output: str, tmp_path: Path, **kw) -> None:
     ends exactly once."""
     dataset, manifest, slow = _with_slow_image(dataset, tmp_path)
     cfg = _config(dataset, output, manifest=manifest, part_rows=1, shard_size=1, read_rows=1, transient_retries=4, **kw)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
+    runner = JobThread(run_extract, cfg)
     runner.start()
     try:
         wait_for(lambda: table_version(storage.join(output, features.FEATURES)) >= 2, 180, "nothing committed")
@@ -363,7 +360,7 @@ def _two_runs_at_once(dataset, output: str, tmp_path: Path, **kw) -> None:
             run_extract(cfg)
     finally:
         runner.join(timeout=240)
-    assert outcome["result"].images == N_ROWS + 1 and injected_failures(str(slow)) == 4
+    assert runner.result().images == N_ROWS + 1 and injected_failures(str(slow)) == 4
     assert run_extract(cfg).images == 0  # free again once the first run ended
     _check_output(output, dataset, good=N_GOOD + 1, **({"atol": 2e-3} if kw.get("float16") else {}))
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from cvnet.search import Descriptors, TopK, recall_at_k
 from cvnet.tables import Table, TableWriter
 from mine_data import clustered, write_features
 from pipelines.mine import MineError, put_gallery, run_mine
-from ray_procs import kill_actors_mid_run, table_version, wait_for
+from ray_procs import JobThread, kill_actors_mid_run, table_version, wait_for
 from test_search import assert_same, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,15 +176,14 @@ def test_actor_killed_mid_run_leaves_every_image_once(ray_local, data, tmp_path)
     uri = features_at(tmp_path, data, N + N_NEW)
     out = str(tmp_path / "out")
     cfg = config(uri, out, query_rows=2, shard_size=2)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_mine(cfg)))
+    runner = JobThread(run_mine, cfg)
     runner.start()
     try:
         wait_for(lambda: table_version(os.path.join(out, mining.TABLE)) >= 3, 120, "nothing committed")
         restarted = kill_actors_mid_run(ray_local, b"MineActor", runner)
     finally:
         runner.join(timeout=300)
-    assert "result" in outcome and restarted
+    assert runner.result() and restarted
     rows = Table.open(os.path.join(out, mining.TABLE)).read(["image_id"]).column(0).to_pylist()
     assert len(rows) == len(set(rows)) == N + N_NEW
     assert_same(mined(out), by_id(expected(data, N + N_NEW)))

@@ -210,13 +210,16 @@ def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_pe
         first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             state = _wait_for(lambda: _state(store), first, "the refresh state")
-            checkpoints = store / "checkpoints" / f"refresh-{state['id']}"
-            snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # Ray Train's list of reported ones
-            _wait_for(lambda: snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text(), first,
-                      "a reported stage-2 checkpoint")  # a step folder alone may not be reported yet
             second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert second.returncode == 3, second.stdout + second.stderr[-3000:]
             assert f"pid {first.pid}) since " in second.stderr and "is held by cvnet refresh" in second.stderr
+            # killed at once after Ray Train has reported the first stage-2 checkpoint (a step
+            # folder alone may not be reported yet), well before the last step: a kill after the
+            # last report would leave the rerun nothing to train
+            checkpoints = store / "checkpoints" / f"refresh-{state['id']}"
+            snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # Ray Train's list of reported ones
+            _wait_for(lambda: snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text(), first,
+                      "a reported stage-2 checkpoint")
             os.killpg(first.pid, signal.SIGKILL)
         finally:
             if first.poll() is None:
@@ -230,7 +233,8 @@ def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_pe
     assert "resumed after the steps extract, mine" in done.stdout, done.stdout
     assert resumed["id"] == state["id"] and resumed["done"]
     assert resumed["steps"]["extract"] == killed["steps"]["extract"]  # not redone
-    assert resumed["steps"]["train"]["resumed_from"] and resumed["steps"]["train"]["step"] == 8
+    assert resumed["steps"]["train"]["resumed_from"] and resumed["steps"]["train"]["step"] == 8, \
+        (workdir / "first.log").read_text()[-3000:]
     name = champions["rerank"]
     client = MlflowClient(mlflow_server["url"])
     versions = client.search_model_versions(f"name = '{name}'")

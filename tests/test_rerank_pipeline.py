@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from cvnet.models.synthetic_weights import synthetic_state_dict
 from cvnet.tables import Table
 from pipelines.extract import run_extract
 from pipelines.rerank import run_rerank
-from ray_procs import kill_actors_mid_run, table_version, wait_for
+from ray_procs import JobThread, kill_actors_mid_run, table_version, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "roxsynth"
@@ -130,15 +129,14 @@ def _exactly_once(uri: str, bench) -> None:
 def test_killed_actor_then_every_query_once(ray_local, bench, tmp_path):
     out = tmp_path / "killed"
     cfg = _cfg(bench, out, wave_queries=1, part_images=1)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_rerank(cfg)))
+    runner = JobThread(run_rerank, cfg)
     runner.start()
     try:
         wait_for(lambda: table_version(str(out)) >= 2, 180, "nothing committed")
         restarted = kill_actors_mid_run(ray_local, b"RerankActor", runner)
     finally:
         runner.join(timeout=300)
-    assert "result" in outcome and restarted  # a new actor served the rest
+    assert runner.result() and restarted  # a new actor served the rest
     _exactly_once(str(out), bench)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cvnet import features, storage  # noqa: E402
 from cvnet.config import ExtractConfig  # noqa: E402
 from cvnet.tables import Table  # noqa: E402
 from pipelines.extract import run_extract  # noqa: E402
-from ray_procs import actor_pids, raylet_pid  # noqa: E402
+from ray_procs import JobThread, actor_pids, raylet_pid  # noqa: E402
 
 
 def committed(output: str) -> int:
@@ -47,8 +46,7 @@ def main(manifest: str, model: str, output: str) -> None:
         "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": tests}, "worker_process_setup_hook": "flaky_fs.register"})
     cfg = ExtractConfig(manifest=manifest, model=model, output=output, shard_size=1, part_rows=1, read_rows=1,
                         batch_size=1, transient_retries=4, max_bad_fraction=1.0)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_extract(cfg)))
+    runner = JobThread(run_extract, cfg)
     runner.start()
     deadline = time.monotonic() + 300
     while committed(output) == 0 and time.monotonic() < deadline:
@@ -66,11 +64,11 @@ def main(manifest: str, model: str, output: str) -> None:
     print(f"committed_before_removal={before}")
     print(f"removed_node_alive={alive.get(doomed.node_id)}")
     print(f"actor_restarted_on_new_node={bool(actor_pids(raylet_pid(replacement), b'ExtractActor'))}")
-    print(f"images={outcome['result'].images if 'result' in outcome else 'failed'}")
-    ray.shutdown()
-    cluster.shutdown()
-    if "result" not in outcome:
-        sys.exit(1)
+    try:
+        print(f"images={runner.result().images}")  # raises the job's error, if any
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
