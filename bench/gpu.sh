@@ -23,8 +23,8 @@ fi
 echo
 echo "| benchmark | mode | throughput | peak GPU MiB |"
 echo "| --- | --- | ---: | ---: |"
-awk -F'|' '/\(b\) fast fp32|\(c\) fast bf16/ {gsub(/^ +| +$/, "", $3); gsub(/ /, "", $5); gsub(/ /, "", $9);
-  print "| rerank " $2 "| " $3 " | " $5 " pairs/s | " $9 " |"}' "$out/rerank.md"
-awk -F'|' '/^\| [0-9]+ \| [0-9]+ \| \(/ {gsub(/ /, "", $3); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $5); gsub(/ /, "", $10);
-  print "| extract, batch " $3 " | " $4 " | " $5 " images/s | " $10 " |"}' "$out/extract.md"
+awk -F'|' '/\(b\) fast fp32|\(c\) fast bf16/ {gsub(/^ +| +$/, "", $3); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $6); gsub(/ /, "", $10);
+  print "| rerank " $2 "| " $3 ", " $4 " | " $6 " pairs/s | " $10 " |"}' "$out/rerank.md"
+awk -F'|' '/^\| [0-9]+ \| [0-9]+ \| \(/ {gsub(/ /, "", $3); gsub(/^ +| +$/, "", $4); gsub(/^ +| +$/, "", $5); gsub(/ /, "", $6); gsub(/ /, "", $11);
+  print "| extract, batch " $3 " | " $4 ", " $5 " | " $6 " images/s | " $11 " |"}' "$out/extract.md"
 grep -h "largest K" "$out/rerank.md" | sed 's/^/| rerank | /; s/: / | K = /; s/$/ | - |/' || true

@@ -8,20 +8,19 @@
 
 Per pair times include the query's per-image features amortised over ``--amortise-k``
 candidates (gallery features are computed once at extraction; the per-image row shows their
-cost). "x released" divides ``--released-s`` (the released CVNet code's time per 48x64 pair,
-3.60 s on the issue's 2-core Zen 4 machine: pass this machine's figure) by that time. The
-error is the max abs score difference against (a). The scaling table gives pairs/s for K
-candidates per query. Peak memory: the process's peak RSS growth during the timed call
-(Linux VmHWM), or torch.cuda.max_memory_allocated on CUDA. ``--reuse-heap`` reruns with glibc
-serving large blocks from its heap (MALLOC_MMAP_MAX_=0), a deployment setting for rerank
-workers. Usage: python bench/rerank.py [--sizes 48x64] [--candidates 8] [--scaling-ks 10,100,1000]
+cost). Each mode runs under glibc's default heap and under cvnet's heap reuse
+(``cvnet.models.heap``, the default of every model call; CPU only). "x released" divides the
+released CVNet code's time per 48x64 pair on this machine (``--released-s``; without it,
+estimated as ``--released-vs-a`` times (a) under the default heap: 3.60 / 2.2 = 1.64 on the
+issue's machine) by that time. The error is the max abs score difference against (a). The
+scaling table gives pairs/s for K candidates per query. Peak memory: the process's peak RSS
+growth during the timed call (Linux VmHWM), or torch.cuda.max_memory_allocated on CUDA.
+Usage: python bench/rerank.py [--sizes 48x64] [--candidates 8] [--scaling-ks 10,100,1000]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 
 import numpy as np
 import torch
@@ -35,9 +34,8 @@ from cvnet.models.rerank import (
     match_probability_reference,
 )
 from cvnet.models.synthetic_weights import synthetic_state_dict
-from timing import machine_load, measure
+from timing import HEAPS, heap_policy, machine_load, measure
 
-HEAP_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 MODES = (("(b) fast fp32", "fp32"), ("(c) fast bf16", "bf16"))
 
 
@@ -55,27 +53,35 @@ def random_maps(h: int, w: int, n: int) -> list[torch.Tensor]:
 
 
 def bench_size(h: int, w: int, args: argparse.Namespace, conv2ds, learner) -> list[tuple]:
-    """Rows (mode, s / pair, CPU s / pair, peak MiB, max score diff vs (a)) for h x w maps."""
+    """Rows (mode, heap, s / pair, CPU s / pair, peak MiB, max score diff vs (a)) for h x w maps;
+    the first row is (a) under the first heap."""
     maps = random_maps(h, w, args.candidates + 1)
     query_map, key_maps = maps[0], maps[1:]
     n_ref = min(args.reference_pairs, len(key_maps))
     cuda = args.device == "cuda"
+    heaps = HEAPS if args.device == "cpu" else ("heap reuse",)
     cuda_conv2ds = conv2ds.to(args.device)
-    ref = measure(lambda: np.array([
-        match_probability_reference(learner, cuda_conv2ds, query_map.to(args.device), k.to(args.device))
-        for k in key_maps[:n_ref]]), 1, cuda=cuda)
+    rows, reference = [], None
+    for heap in heaps:
+        with heap_policy(heap):
+            ref = measure(lambda: np.array([
+                match_probability_reference(learner, cuda_conv2ds, query_map.to(args.device), k.to(args.device))
+                for k in key_maps[:n_ref]]), 1, cuda=cuda)
+        reference = ref.result if reference is None else reference
+        rows.append(("(a) reference, per pair", heap, ref.wall / n_ref, ref.cpu / n_ref, _peak(ref, cuda),
+                     float(np.abs(ref.result - reference).max())))
     conv2ds.cpu()
-    rows = [("(a) reference, per pair", ref.wall / n_ref, ref.cpu / n_ref, _peak(ref, cuda), 0.0)]
     feat = measure(lambda: [compute_rerank_features(m, conv2ds) for m in maps], 1)
     feats, per_image = feat.result, feat.wall / len(maps)
-    for label, precision in MODES:
-        fast = measure(lambda: match_probability(learner, feats[0], feats[1:], args.batch_size, precision),
-                       args.repeats, cuda=cuda)
-        err = float(np.abs(fast.result[:n_ref] - ref.result).max())
+    for (label, precision), heap in itertools.product(MODES, heaps):
+        with heap_policy(heap):
+            fast = measure(lambda: match_probability(learner, feats[0], feats[1:], args.batch_size, precision),
+                           args.repeats, cuda=cuda)
+        err = float(np.abs(fast.result[:n_ref] - reference).max())
         per_pair = fast.wall / args.candidates + per_image / args.amortise_k
-        rows.append((f"{label}, batches of {args.candidates}", per_pair, fast.cpu / args.candidates,
+        rows.append((f"{label}, batches of {args.candidates}", heap, per_pair, fast.cpu / args.candidates,
                      _peak(fast, cuda), err))
-    rows.append(("per-image features (once per image)", per_image, feat.cpu / len(maps), None, None))
+    rows.append(("per-image features (once per image)", "heap reuse", per_image, feat.cpu / len(maps), None, None))
     return rows
 
 
@@ -118,7 +124,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8, help="candidates per query for (b) and (c)")
     parser.add_argument("--reference-pairs", type=int, default=1, help="pairs timed for (a) (slow)")
     parser.add_argument("--amortise-k", type=int, default=100, help="candidates the query's features are shared by")
-    parser.add_argument("--released-s", type=float, default=3.60, help="released code's s / 48x64 pair on this machine")
+    parser.add_argument("--released-s", type=float, default=None, help="released code's s / 48x64 pair on this machine")
+    parser.add_argument("--released-vs-a", type=float, default=3.60 / 2.2,
+                        help="without --released-s: released code's time / (a)'s under the default heap")
     parser.add_argument("--scaling-ks", default="10,100,1000", help="K for the scaling table ('' to skip)")
     parser.add_argument("--scaling-size", default="24x32", help="map size of the scaling table")
     parser.add_argument("--batch-size", type=int, default=None, help="default: match_probability's automatic size")
@@ -127,31 +135,29 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--max-batch-limit", type=int, default=0,
                         help="CUDA: find the largest one-batch K up to this (0: skip)")
-    parser.add_argument("--reuse-heap", action="store_true", help="rerun with MALLOC_MMAP_MAX_=0 (see above)")
     args = parser.parse_args()
-    if args.reuse_heap and any(os.environ.get(k) != v for k, v in HEAP_REUSE_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **HEAP_REUSE_ENV})
     torch.set_num_threads(args.threads)
     conv2ds, learner = load_weights(seed=0, device=args.device)
     warm = compute_rerank_features(torch.randn(1024, 8, 8), conv2ds)
     for _, precision in MODES:
         match_probability(learner, warm, [warm], precision=precision)  # one-time initialisation, not timed
 
-    heap = "heap reuse (MALLOC_MMAP_MAX_=0)" if args.reuse_heap else "default glibc malloc"
-    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, {heap}; {machine_load()}")
-    print(f"per pair = batched time / K + query features / {args.amortise_k}; released code: "
-          f"{args.released_s} s / pair; CPU s = process CPU time (all threads)")
-    print("| feature maps | mode | ms / pair | pairs / s | CPU s / pair | x (a) | x released | peak MiB "
+    released = f"{args.released_s} s / pair" if args.released_s else f"{args.released_vs_a:.2f} x (a), default heap"
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads; {machine_load()}")
+    print(f"per pair = batched time / K + query features / {args.amortise_k}; released code: {released}; "
+          "CPU s = process CPU time (all threads)")
+    print("| feature maps | mode | heap | ms / pair | pairs / s | CPU s / pair | x (a) | x released | peak MiB "
           "| max abs score diff vs (a) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in args.sizes.split(","):
         h, w = (int(x) for x in size.split("x"))
         rows = bench_size(h, w, args, conv2ds, learner)
-        ref_wall = rows[0][1]
-        for mode, wall, cpu, mem, err in rows:
+        ref_wall = rows[0][2]
+        released_s = args.released_s or args.released_vs_a * ref_wall
+        for mode, heap, wall, cpu, mem, err in rows:
             tail = "| - | - | - | - |" if mem is None else (
-                f"| {ref_wall / wall:.1f} | {args.released_s / wall:.1f} | {mem:.0f} | {err:.1e} |")
-            print(f"| {size} vs {size} | {mode} | {wall * 1e3:.0f} | {1 / wall:.2f} | {cpu:.3f} {tail}")
+                f"| {ref_wall / wall:.1f} | {released_s / wall:.1f} | {mem:.0f} | {err:.1e} |")
+            print(f"| {size} vs {size} | {mode} | {heap} | {wall * 1e3:.0f} | {1 / wall:.2f} | {cpu:.3f} {tail}")
     if args.scaling_ks:
         print(f"\nscaling, {args.scaling_size} maps, one query vs K candidates; {machine_load()}")
         print("| K | precision | pairs / s |")

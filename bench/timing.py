@@ -6,10 +6,13 @@ import gc
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cvnet.models.heap import KEEP_FREE_BYTES, M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory
 
 STATUS = Path("/proc/self/status")
 
@@ -55,6 +58,34 @@ def measure(fn: Callable[[], Any], repeats: int, trim_heap: bool = False, cuda: 
     peak = rss_kib("VmHWM")
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return Measurement(result, wall, cpu, peak / 1024, (peak - base) / 1024, gpu_peak)
+
+
+M_MMAP_THRESHOLD = -3
+HEAPS = ("default heap", "heap reuse")
+
+
+@contextmanager
+def heap_policy(name: str) -> Iterator[None]:
+    """Run the calls inside under one of :data:`HEAPS`. ``"heap reuse"`` is cvnet's
+    (:func:`cvnet.models.heap.keep_freed_memory`); ``"default heap"`` is glibc's default in
+    its steady state, once its dynamic threshold has risen to its 32 MiB maximum: larger blocks
+    mapped at malloc and unmapped at free, a freed heap top above 64 MiB trimmed. The steady state
+    is the default's best case for repeated large tensors, so the comparison does not flatter reuse."""
+    if name not in HEAPS:
+        raise ValueError(f"heap must be one of {HEAPS}, got {name!r}")
+    keep_freed_memory()
+    if name == "heap reuse":
+        yield
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    for param, value in ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20), (M_MMAP_MAX, 65536)):
+        libc.mallopt(param, value)
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES)
 
 
 def machine_load() -> str:

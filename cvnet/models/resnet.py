@@ -75,7 +75,7 @@ class ResBlock(nn.Module):
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x) + shortcut(x)`` before the final ReLU (the reference re-ranking input)."""
         shortcut = self.bn(self.proj(x)) if self.proj_block else x
-        return self.f(x) + shortcut
+        return self.f(x).add_(shortcut)  # in place: f's last op (conv or BN) keeps no output for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.pre_activation(x))
