@@ -66,7 +66,7 @@ def bench_size(h: int, w: int, args: argparse.Namespace, conv2ds, learner) -> li
         with heap_policy(heap):
             ref = measure(lambda: np.array([
                 match_probability_reference(learner, cuda_conv2ds, query_map.to(args.device), k.to(args.device))
-                for k in key_maps[:n_ref]]), 1, cuda=cuda)
+                for k in key_maps[:n_ref]]), args.repeats, cuda=cuda)
         reference = ref.result if reference is None else reference
         rows.append(("(a) reference, per pair", heap, ref.wall / n_ref, ref.cpu / n_ref, _peak(ref, cuda),
                      float(np.abs(ref.result - reference).max())))
@@ -96,8 +96,8 @@ def scaling_rows(args: argparse.Namespace, learner, conv2ds) -> list[tuple[int, 
     rows = []
     for k, (_, precision) in itertools.product((int(x) for x in args.scaling_ks.split(",")), MODES):
         keys = [feats[1 + i % 8] for i in range(k)]
-        run = measure(lambda: match_probability(learner, feats[0], keys, args.batch_size, precision), 1,
-                      cuda=args.device == "cuda")
+        run = measure(lambda: match_probability(learner, feats[0], keys, args.batch_size, precision),
+                      args.repeats, cuda=args.device == "cuda")
         rows.append((k, precision, k / run.wall))
     return rows
 
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--scaling-ks", default="10,100,1000", help="K for the scaling table ('' to skip)")
     parser.add_argument("--scaling-size", default="24x32", help="map size of the scaling table")
     parser.add_argument("--batch-size", type=int, default=None, help="default: match_probability's automatic size")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs for (b) and (c)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs of every timed call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--max-batch-limit", type=int, default=0,

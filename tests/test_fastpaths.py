@@ -1,9 +1,11 @@
 """Fast inference paths against the reference structure: each one on its own.
 
-- center-pivot convs as conv3d on every memory layout they accept (views and the copy);
+- center-pivot convs as conv3d on every memory layout they accept (views and the copy), the
+  second direction added inside its conv at inference;
 - correlation slices and match probabilities on odd, unequal map sizes vs
   ``match_probability_reference`` (the step-by-step oracle);
-- BatchNorm folded into the backbone convs (inference copy only; training unchanged);
+- BatchNorm folded into the backbone convs (inference copy only; training unchanged), with each
+  block's ReLUs and residual add fused into its convs;
 - bf16 modes within their stated bounds (rerank |dscore| <= 2e-3, descriptors cosine >= 0.9999).
 """
 from __future__ import annotations
@@ -64,6 +66,25 @@ def test_center_pivot_conv3d_matches_reference_on_every_layout(kernel, stride):
                 assert got.permute(0, 2, 3, 4, 5, 1).is_contiguous()  # channels innermost for the next layer
 
 
+def _ops_run(fn) -> tuple[torch.Tensor, set[str]]:
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
+def test_center_pivot_conv_adds_its_second_direction_inside_the_conv_at_inference_only():
+    torch.manual_seed(0)
+    conv = CenterPivotConv4d(3, 4, 3, 1)
+    x = _layouts(torch.randn(2, 3, 5, 4, 7, 6))["channels innermost"]
+    with torch.no_grad():
+        fused, inference_ops = _ops_run(lambda: conv(x))
+    trained, training_ops = _ops_run(lambda: conv(x))  # autograd: the plain conv and add
+    fused_op = "mkldnn::_convolution_pointwise_"
+    assert fused_op in inference_ops and fused_op not in training_ops and trained.requires_grad
+    np.testing.assert_allclose(fused.numpy(), trained.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(fused.numpy(), conv.forward_reference(x).detach().numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("query_size,key_size", [((17, 13), (11, 15)), ((9, 12), (9, 12))])
 def test_fast_match_probability_equals_reference_structure(model, query_size, key_size):
     conv2ds, learner = model
@@ -97,6 +118,22 @@ def test_fold_batchnorm_is_exact_and_leaves_the_network_alone(cvnet_model):
     with torch.no_grad():
         np.testing.assert_allclose(folded(x).numpy(), net.eval()(x).numpy(), atol=1e-6)
         np.testing.assert_allclose(folded.stage3(x).numpy(), net.stage3(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_fused_pointwise_blocks_equal_the_folded_blocks(cvnet_model, memory_format):
+    folded = fold_batchnorm(cvnet_model.encoder_q)
+    blocks = [m for m in folded.modules() if hasattr(m, "fuse_pointwise")]
+    assert len(blocks) == 16 and all(b.fuse_pointwise for b in blocks)
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0)).to(memory_format=memory_format)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused = folded.forward_trunk(x)
+    assert sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_convolution_pointwise") == 48  # 3 a block
+    for block in blocks:
+        block.fuse_pointwise = False
+    with torch.no_grad():
+        plain = folded.forward_trunk(x)
+    np.testing.assert_allclose(fused.numpy(), plain.numpy(), atol=1e-5)  # float rounding
 
 
 def test_folded_copy_follows_weight_changes_and_training_is_unfolded(cvnet_model):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvnet.models import onednn
+
 
 def subsample_key(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Keep key positions 0, stride, 2*stride, ... of a (B, C, hq, wq, hk, wk) tensor."""
@@ -66,13 +68,15 @@ class CenterPivotConv4d(nn.Module):
         directions. The result (B, O, hq', wq', hk', wk') has memory (B, hq', wq', hk', wk', O).
         """
         y1 = _pivot_conv(self.conv1, key_sub, query_dims=True)
-        y2 = _pivot_conv(self.conv2, query_sub, query_dims=False)
-        if y1.shape != y2.shape:
+        b, _, hq_s, wq_s, hk, wk = query_sub.shape
+        y2_shape = (b, self.conv2.out_channels, hq_s, wq_s, _conv_size(hk, self.conv2), _conv_size(wk, self.conv2))
+        if y1.shape != y2_shape:
             raise ValueError(
-                f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {tuple(y2.shape)}"
+                f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {y2_shape}"
             )
-        if _is_natural(y1):
-            return y1.add_(y2)  # conv outputs are not saved for backward: in-place is safe
+        if _is_natural(y1):  # conv outputs are not saved for backward: adding in place is safe
+            return _pivot_conv(self.conv2, query_sub, query_dims=False, add_to=y1)
+        y2 = _pivot_conv(self.conv2, query_sub, query_dims=False)
         if _is_natural(y2):
             return y2.add_(y1)
         return _natural_empty(y1).copy_(y1).add_(y2)
@@ -104,13 +108,21 @@ def _conv3d_view(x: torch.Tensor, groups: tuple[tuple[int, ...], ...], copy: boo
     return moved.view(shape).permute(0, 4, 1, 2, 3) if moved.is_contiguous() else None
 
 
-def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Tensor:
+def _conv_size(n: int, conv: nn.Conv2d) -> int:
+    """Output size of ``conv`` along a dim of input size ``n``."""
+    return (n + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+
+
+def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``conv`` over the query dims (``query_dims``) or the key dims of (B, C, hq, wq, hk, wk)
-    ``x`` at every position of the other two, as one channels-last ``conv3d``.
+    ``x`` at every position of the other two, as one channels-last ``conv3d``; with ``add_to``
+    (the other pivot direction's output, same shape) the result is added into it in place.
 
     The two convolved dims become D, H and the other two are merged into W (kernel k x k x 1),
     or the other two are merged into D (kernel 1 x k x k): whichever is a view of ``x``'s
     memory; else ``x`` is copied to the layout that keeps (hq, wq, hk, wk) in that order.
+    Where ``add_to``'s memory is the conv's output layout, oneDNN accumulates into it as it
+    writes each output tile (CPU inference: no output tensor and no separate add pass).
     """
     conv_dims, other = (_QUERY, _KEY) if query_dims else (_KEY, _QUERY)
     layouts = [((conv_dims[0],), (conv_dims[1],), other), (other, (conv_dims[0],), (conv_dims[1],))]
@@ -127,6 +139,10 @@ def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Ten
     s, p = conv.stride[0], conv.padding[0]
     weight = conv.weight.unsqueeze(2 if merged_first else 4)
     stride, padding = ((1, s, s), (0, p, p)) if merged_first else ((s, s, 1), (p, p, 0))
+    target = None if add_to is None or not onednn.serves(view, conv) else _conv3d_view(add_to, groups, copy=False)
+    if target is not None:
+        onednn.conv_fused(view.to(target.dtype), weight, conv.bias, stride, padding, add_to=target)
+        return add_to
     y = F.conv3d(view, weight, conv.bias, stride, padding)
     b, o = y.shape[:2]
     out_dims = y.shape[2:]
@@ -136,7 +152,8 @@ def _pivot_conv(conv: nn.Conv2d, x: torch.Tensor, query_dims: bool) -> torch.Ten
         y = y.view(b, o, *out_dims[:2], x.shape[other[0]], x.shape[other[1]])
     # y's dims follow ``groups``; put them back in (hq, wq, hk, wk) order
     order = [d for group in groups for d in group]
-    return y.permute(0, 1, *(2 + order.index(d) for d in (2, 3, 4, 5)))
+    y = y.permute(0, 1, *(2 + order.index(d) for d in (2, 3, 4, 5)))
+    return y if add_to is None else add_to.add_(y)
 
 
 class GroupNorm4d(nn.GroupNorm):
@@ -163,17 +180,15 @@ class GroupNorm4d(nn.GroupNorm):
         in_place = in_place and rows.data_ptr() == x.data_ptr() and channels_last.is_contiguous()
 
         def tiled(per_channel: torch.Tensor) -> torch.Tensor:
-            return per_channel.reshape(b, 1, c).repeat(1, 1, tile)
+            # in x's dtype: a bf16 pass with an fp32 operand would make fp32 copies of x
+            return per_channel.reshape(b, 1, c).repeat(1, 1, tile).to(x.dtype)
 
-        # exact two-pass statistics per channel (mean, then the squares of the centered values
-        # as the diagonal of one small matmul), combined into group statistics
-        mean_c = rows.view(b, -1, c).mean(1, dtype=torch.float32)
-        centered = rows.sub_(tiled(mean_c)) if in_place else rows - tiled(mean_c).to(rows.dtype)
+        # exact two-pass statistics per channel (mean, then the squares of the centered values),
+        # combined into group statistics
+        mean_c = _channel_sums(rows.view(b, -1, c), squared=False) / (rows.numel() // (b * c))
+        centered = rows.sub_(tiled(mean_c)) if in_place else rows - tiled(mean_c)
         by_channel = centered.view(b, -1, c)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 statistics in bf16 mode too
-            by_channel32 = by_channel.float()
-            var_c = torch.diagonal(torch.bmm(by_channel32.transpose(1, 2), by_channel32), dim1=1, dim2=2)
-        var_c = var_c / by_channel.shape[1]
+        var_c = _channel_sums(by_channel, squared=True) / by_channel.shape[1]
         mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + mean_c.var(-1, unbiased=False, keepdim=True)
@@ -184,3 +199,22 @@ class GroupNorm4d(nn.GroupNorm):
         else:
             out = torch.addcmul(tiled(shift), centered, tiled(scale))
         return out.view(channels_last.shape).movedim(-1, 1)
+
+
+CAST_ELEMENTS = 1 << 18  # a low-precision tensor is cast to fp32 this many elements at a time (1 MiB)
+
+
+def _channel_sums(x: torch.Tensor, squared: bool) -> torch.Tensor:
+    """Per (batch, channel) sums (B, C) in fp32 of (B, N, C) ``x``, or of its squares (the
+    diagonal of ``x^T x``). A bf16 ``x`` is cast in row chunks that stay in cache, not as one
+    fp32 copy."""
+    rows = x.shape[1] if x.dtype == torch.float32 else max(1, CAST_ELEMENTS // (x.shape[0] * x.shape[2]))
+    total = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float32, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 statistics in bf16 mode too
+        for chunk in x.split(rows, dim=1):
+            chunk = chunk.float()
+            if squared:
+                total += torch.diagonal(torch.bmm(chunk.transpose(1, 2), chunk), dim1=1, dim2=2)
+            else:
+                total += chunk.sum(1)
+    return total

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cvnet.models import onednn
+
 STAGES = ("stem", "s1", "s2", "s3", "s4")  # the trunk's children, input to output
 STAGE_DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # (output width, bottleneck width, stride) of s1..s4
@@ -65,6 +67,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, w_in: int, w_out: int, w_b: int, stride: int):
         super().__init__()
+        self.fuse_pointwise = False  # set on fold_batchnorm's inference copy
         self.proj_block = w_in != w_out or stride != 1
         if self.proj_block:
             self.proj = nn.Conv2d(w_in, w_out, 1, stride=stride, bias=False)
@@ -78,7 +81,18 @@ class ResBlock(nn.Module):
         return self.f(x).add_(shortcut)  # in place: f's last op (conv or BN) keeps no output for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_pointwise and onednn.serves(x, self.f.a):
+            return self.fused_forward(x)
         return self.relu(self.pre_activation(x))
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of a BatchNorm-folded block with each ReLU and the residual add done by
+        oneDNN inside the conv before it (one pass over the output less per op: exact)."""
+        a, b, c = self.f.a, self.f.b, self.f.c
+        y = onednn.conv_fused(x, a.weight, a.bias, a.stride, a.padding, relu=True)
+        y = onednn.conv_fused(y, b.weight, b.bias, b.stride, b.padding, relu=True)
+        shortcut = self.proj(x) if self.proj_block else x
+        return onednn.conv_fused(y, c.weight, c.bias, c.stride, c.padding, relu=True, add_to=shortcut)
 
 
 class ResStage(nn.Module):
@@ -128,8 +142,9 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     """An eval-mode inference copy of ``net`` with each BatchNorm folded into the conv before it.
 
     The copy computes the same function as ``net.eval()`` (to float rounding: about 1e-8 on
-    the trunk output) with one pass less per conv; ``net`` itself, which training uses, is left
-    as it is. Conv weights keep their memory format (channels_last stays channels_last).
+    the trunk output) with one pass less per conv, and its blocks run each ReLU and residual add
+    inside the conv before it on a CPU (:mod:`cvnet.models.onednn`); ``net`` itself, which
+    training uses, is left as it is. Conv weights keep their memory format (channels_last stays channels_last).
     """
     folded = copy.deepcopy(net).eval().requires_grad_(False)
     for module in folded.modules():
@@ -141,4 +156,6 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                     fused.to(memory_format=torch.channels_last)
                 setattr(module, conv_name, fused)
                 setattr(module, bn_name, nn.Identity())
+        if isinstance(module, ResBlock):
+            module.fuse_pointwise = True
     return folded
