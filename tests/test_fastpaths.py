@@ -1,7 +1,7 @@
 """Fast inference paths against the reference structure: each one on its own.
 
 - center-pivot convs as conv3d on every memory layout they accept (views and the copy), the
-  second direction added inside its conv at inference;
+  second direction added inside its conv at inference; bf16 ReLU through the int16 view;
 - correlation slices and match probabilities on odd, unequal map sizes vs
   ``match_probability_reference`` (the step-by-step oracle);
 - BatchNorm folded into the backbone convs (inference copy only; training unchanged), with each
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import cvnet
-from cvnet.models.conv4d import CenterPivotConv4d, subsample_key, subsample_query
+from cvnet.models.conv4d import CenterPivotConv4d, memory_order, relu_, subsample_key, subsample_query
 from cvnet.models.global_net import multiscale_descriptors
 from cvnet.models.rerank import (
     CVLearner,
@@ -51,6 +51,10 @@ def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def _channels_innermost_dense(x: torch.Tensor) -> bool:
+    return x.permute(memory_order(x)).is_contiguous()
+
+
 @pytest.mark.parametrize("kernel,stride", [(5, 2), (3, 1), (3, 2)])
 def test_center_pivot_conv3d_matches_reference_on_every_layout(kernel, stride):
     torch.manual_seed(0)
@@ -63,7 +67,7 @@ def test_center_pivot_conv3d_matches_reference_on_every_layout(kernel, stride):
                 got = conv.forward_slices(subsample_key(key_x, stride), subsample_query(query_x, stride))
                 assert got.shape == want.shape
                 np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, err_msg=f"{key_name} / {query_name}")
-                assert got.permute(0, 2, 3, 4, 5, 1).is_contiguous()  # channels innermost for the next layer
+                assert _channels_innermost_dense(got)  # what the next layer convolves without a copy
 
 
 def _ops_run(fn) -> tuple[torch.Tensor, set[str]]:
@@ -83,6 +87,17 @@ def test_center_pivot_conv_adds_its_second_direction_inside_the_conv_at_inferenc
     assert fused_op in inference_ops and fused_op not in training_ops and trained.requires_grad
     np.testing.assert_allclose(fused.numpy(), trained.detach().numpy(), atol=1e-6)
     np.testing.assert_allclose(fused.numpy(), conv.forward_reference(x).detach().numpy(), atol=1e-5)
+
+
+def test_bf16_relu_through_its_int16_view_equals_clamp_and_autograd_keeps_torchs():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x[:3] = torch.tensor([-0.0, float("inf"), -float("inf")])
+    got = relu_(x.clone())
+    assert torch.equal(got, x.clamp(min=0)) and (got >= 0).all()
+    leaf = torch.randn(8, requires_grad=True)
+    y = relu_(leaf.bfloat16())  # in autograd: torch's own relu_, which has a gradient
+    y.float().sum().backward()
+    assert torch.equal(leaf.grad, (leaf > 0).float())
 
 
 @pytest.mark.parametrize("query_size,key_size", [((17, 13), (11, 15)), ((9, 12), (9, 12))])

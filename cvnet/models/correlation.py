@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvnet.models.conv4d import relu_
+
 PYRAMID_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0)
 COSINE_EPS = 1e-8
 
@@ -151,7 +153,7 @@ def _pivot_side(full_levels: Sequence[torch.Tensor], strided_levels: Sequence[to
         blocks.append(resize_leading(corr, full_size).view(-1, *full_size, h_s, w_s, s))
     # full side's level is the channel's major index on the query side, its minor one on the key side
     stacked = torch.stack(blocks, dim=-2 if full_is_query else -1)
-    return stacked.view(*stacked.shape[:5], s * s).clamp_(min=0)
+    return relu_(stacked.view(*stacked.shape[:5], s * s))
 
 
 def correlation_slices(

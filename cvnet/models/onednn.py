@@ -20,18 +20,24 @@ def serves(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 
 def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
-               padding: Sequence[int], relu: bool = False, add_to: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv(x)`` (2D or 3D), plus ``add_to`` when given, then ReLU when ``relu``: one op.
+               padding: Sequence[int], relu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)`` (2D or 3D), plus ``add`` (the output's shape, any strides) when given, then
+    ReLU when ``relu``: one op, a new tensor."""
+    args = _conv_args(x, weight, bias, stride, padding)
+    if add is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", 1.0, "relu" if relu else None, [], "")
 
-    Without ``relu`` the sum is written into ``add_to`` in place (its memory must be the conv
-    output's layout) and ``add_to`` is returned. Weights are cast to ``x``'s dtype (bf16 under
-    autocast, which does not see these ops)."""
-    weight = weight.to(x.dtype)
+
+def conv_accumulate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                    padding: Sequence[int], into: torch.Tensor) -> torch.Tensor:
+    """``into += conv(x)`` in place, where ``into``'s memory is the conv output's layout."""
+    args = _conv_args(x, weight, bias, stride, padding)
+    return torch.ops.mkldnn._convolution_pointwise_.binary(into, x, *args, "add", 1.0, None, [], "")
+
+
+def _conv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+               padding: Sequence[int]) -> tuple:
+    """The ops' conv arguments, weights in ``x``'s dtype (bf16 under autocast, which does not see these ops)."""
     bias = None if bias is None else bias.to(x.dtype)
-    args = (weight, bias, list(padding), list(stride), [1] * len(stride), 1)
-    ops = torch.ops.mkldnn
-    if add_to is None:
-        return ops._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-    if relu:
-        return ops._convolution_pointwise.binary(x, add_to, *args, "add", 1.0, "relu", [], "")
-    return ops._convolution_pointwise_.binary(add_to, x, *args, "add", 1.0, None, [], "")
+    return weight.to(x.dtype), bias, list(padding), list(stride), [1] * len(stride), 1

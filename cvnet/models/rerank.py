@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d
+from cvnet.models.conv4d import CenterPivotConv4d, GroupNorm4d, ReLU4d
 from cvnet.models.correlation import (
     PYRAMID_SCALES,
     correlation_4d,
@@ -46,7 +46,7 @@ def make_conv2ds() -> nn.ModuleList:
 def _building_block(in_channels: int, out_channels: Sequence[int], kernel: int, strides: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for out_ch, stride in zip(out_channels, strides):
-        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch, inplace=True), nn.ReLU(inplace=True)]
+        layers += [CenterPivotConv4d(in_channels, out_ch, kernel, stride), GroupNorm4d(4, out_ch, inplace=True), ReLU4d()]
         in_channels = out_ch
     return nn.Sequential(*layers)
 

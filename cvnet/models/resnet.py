@@ -92,7 +92,7 @@ class ResBlock(nn.Module):
         y = onednn.conv_fused(x, a.weight, a.bias, a.stride, a.padding, relu=True)
         y = onednn.conv_fused(y, b.weight, b.bias, b.stride, b.padding, relu=True)
         shortcut = self.proj(x) if self.proj_block else x
-        return onednn.conv_fused(y, c.weight, c.bias, c.stride, c.padding, relu=True, add_to=shortcut)
+        return onednn.conv_fused(y, c.weight, c.bias, c.stride, c.padding, relu=True, add=shortcut)
 
 
 class ResStage(nn.Module):
