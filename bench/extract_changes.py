@@ -12,13 +12,11 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from extract import make_images
+from extract import describe, make_images
 from timing import machine_load, measure
 
 import cvnet
 from cvnet.models import resnet
-from cvnet.models.global_net import multiscale_descriptors
-from cvnet.models.precision import precision_context
 from cvnet.models.synthetic_weights import synthetic_state_dict
 
 
@@ -42,8 +40,7 @@ def main() -> None:
     def unfolded(pre_activation: Callable) -> Callable[[], object]:
         def run() -> object:
             resnet.ResBlock.pre_activation = pre_activation
-            with torch.no_grad(), precision_context(model.device, "fp32"):
-                return multiscale_descriptors(model.encoder_q, images, batch_size=args.images)
+            return describe(model, images, "fp32", False, args.images)
         return run
 
     def folded(fuse: bool) -> Callable[[], object]:
@@ -51,7 +48,7 @@ def main() -> None:
             for block in model.inference_encoder().modules():
                 if isinstance(block, resnet.ResBlock):
                     block.fuse_pointwise = fuse
-            return model.global_descriptor(images, batch_size=args.images)
+            return describe(model, images, "fp32", True, args.images)
         return run
 
     rows = {"unfolded, residual add out of place": unfolded(add_out_of_place),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvnet.models.heap import KEEP_FREE_BYTES, M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory
+from cvnet.models.heap import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory, reuse_freed_blocks
 
 STATUS = Path("/proc/self/status")
 
@@ -84,8 +84,7 @@ def heap_policy(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES)
+        reuse_freed_blocks()
 
 
 def machine_load() -> str:

@@ -76,7 +76,7 @@ class CenterPivotConv4d(nn.Module):
             raise ValueError(
                 f"center-pivot conv slices disagree: conv1 gives {tuple(y1.shape)}, conv2 gives {y2_shape}"
             )
-        if onednn.serves(query_sub, self.conv2) and y1.permute(memory_order(y1)).is_contiguous():
+        if onednn.serves(query_sub, self.conv2) and channels_innermost(y1):
             # CPU inference: y1 (dense, channels innermost) is added inside conv2
             return _pivot_conv(self.conv2, query_sub, query_dims=False, add_to=y1)
         y2 = _pivot_conv(self.conv2, query_sub, query_dims=False)
@@ -95,6 +95,11 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...]:
     """(B, C, *spatial) ``x``'s dims as its memory holds them, channels last: the permutation
     that makes a dense channels-innermost ``x`` contiguous whatever its spatial order."""
     return (0, *sorted(range(2, x.dim()), key=lambda d: -x.stride(d)), 1)
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """True when (B, C, *spatial) ``x`` is dense with its channels innermost, in any spatial order."""
+    return x.permute(memory_order(x)).is_contiguous()
 
 
 def _is_natural(x: torch.Tensor) -> bool:

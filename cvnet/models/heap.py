@@ -26,7 +26,14 @@ KEEP_FREE_BYTES = 2**31 - 1  # the most mallopt takes: up to 2 GiB of freed heap
 def keep_freed_memory() -> bool:
     """Set glibc's heap to keep and reuse large freed blocks, once per process; False where it
     is switched off by ``CVNET_KEEP_FREED_MEMORY=0`` or the C library is not glibc."""
-    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    return reuse_freed_blocks()
+
+
+def reuse_freed_blocks() -> bool:
+    """The settings of :func:`keep_freed_memory`, applied now (each call); False off glibc."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
