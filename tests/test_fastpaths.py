@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import cvnet
+from cvnet.models import onednn
 from cvnet.models.conv4d import CenterPivotConv4d, channels_innermost, relu_, subsample_key, subsample_query
 from cvnet.models.global_net import multiscale_descriptors
 from cvnet.models.rerank import (
@@ -209,3 +210,15 @@ def test_cuda_fast_paths_match_reference_with_tf32_off(model):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_before, cudnn_before
     assert abs(float(fp32[0]) - want) <= SCORE_TOL
     assert abs(float(bf16[0]) - want) <= 2e-3
+
+
+def test_fused_convs_take_bf16_only_where_onednn_has_bf16_kernels(monkeypatch):
+    """Without AVX-512 BW/VL/DQ or AVX-NE-CONVERT oneDNN's bf16 ops raise: the plain convs run."""
+    conv, x = nn.Conv2d(4, 4, 3), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert onednn.serves(x.bfloat16(), conv) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        assert not onednn.serves(x.bfloat16(), conv)
+        assert onednn.serves(x, conv)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+        assert onednn.serves(x.bfloat16(), conv)

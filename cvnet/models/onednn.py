@@ -14,9 +14,12 @@ from torch import nn
 
 
 def serves(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether the fused ops can stand in for ``conv`` on ``x``: on a CPU, with no autograd."""
+    """Whether the fused ops can stand in for ``conv`` on ``x``: on a CPU, with no autograd, and
+    for bf16 only where oneDNN has bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; without
+    them its bf16 ops raise, and the plain convs run instead)."""
     grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    return x.device.type == "cpu" and not grad and torch.backends.mkldnn.is_available()
+    return (x.device.type == "cpu" and not grad and torch.backends.mkldnn.is_available()
+            and (x.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def conv_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
