@@ -35,7 +35,13 @@ def separation(model, synth: Path, k: int) -> None:
     """Prints one model's shortlist classes, AUCs and re-ranker-only mAP."""
     from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
     from cvnet.models.global_net import multiscale_descriptors
-    from cvnet.retrieval import evaluate_rankings, global_search, rerank_probabilities, retrieve
+    from cvnet.retrieval import (
+        DEFAULT_WEIGHT,
+        evaluate_rankings,
+        global_search,
+        rerank_probabilities,
+        retrieve,
+    )
     from cvnet.search import Descriptors
 
     root = str(synth / "revisitop" / "roxsynth")
@@ -62,7 +68,7 @@ def separation(model, synth: Path, k: int) -> None:
             kinds[kind].append((float(ranking.scores[qi, j]), float(p[qi, j])))
     score = {kind: np.asarray(v, dtype=np.float64).reshape(-1, 2) for kind, v in kinds.items()}
     negative = np.concatenate([score["family"], score["other"]])
-    fused = lambda s: s[:, 0] + 0.5 * s[:, 1]  # noqa: E731
+    fused = lambda s: s[:, 0] + DEFAULT_WEIGHT * s[:, 1]  # noqa: E731  (the ranking's fusion)
     print("  shortlist: " + ", ".join(f"{len(v)} {kind}" for kind, v in score.items()))
     print("  mean p: " + ", ".join(f"{kind} {v[:, 1].mean():.3f}" for kind, v in score.items() if len(v)))
     print(f"  AUC positive vs negative: global {auc(score['positive'][:, 0], negative[:, 0]):.3f}, "
