@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
+from cvnet.data.revisitop import load_benchmark
 from cvnet.data.synthetic import DEFAULT_NAME, generate
 from cvnet.eval.revisitop import evaluate
 
@@ -29,11 +29,10 @@ def thumbnail_descriptor(image: np.ndarray, side: int) -> np.ndarray:
     return vec / max(float(np.linalg.norm(vec)), 1e-12)
 
 
-def load_images(root: Path, name: str) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
+def load_images(root: Path) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
     """Ground truth, database images and cropped queries of a revisitop folder."""
-    gt = load_ground_truth(str(root / f"gnd_{name}.pkl"))
-    queries = [load_query_image(str(root), gt, q) for q in range(len(gt["qimlist"]))]
-    return gt, [load_image(str(root), n) for n in gt["imlist"]], queries
+    bench = load_benchmark(str(root))
+    return bench.gt, bench.images, bench.query_images
 
 
 def pixel_scores(db: list[np.ndarray], queries: list[np.ndarray], side: int) -> np.ndarray:
@@ -95,7 +94,7 @@ def main() -> None:
             print(f"generated {summary.counts['images']} images in "
                   f"{time.perf_counter() - start:.1f} s (seed {args.seed})")
         name = DEFAULT_NAME if not args.data else next((data / "revisitop").iterdir()).name
-        gt, db, queries = load_images(data / "revisitop" / name, name)
+        gt, db, queries = load_images(data / "revisitop" / name)
         labels = {k: sum(len(e[k]) for e in gt["gnd"]) / len(gt["gnd"]) for k in ("easy", "hard", "junk")}
         print(f"{len(queries)} queries, {len(db)} database images; per query: "
               + ", ".join(f"{v:.1f} {k}" for k, v in labels.items()))

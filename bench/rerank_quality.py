@@ -154,7 +154,7 @@ def references(synth: Path) -> None:
     thumbnails by cosine, and a random order (chance)."""
     from bench.pixel_baseline import chance_map, load_images, pixel_scores, score_map
 
-    gt, db, queries = load_images(synth / "revisitop" / "roxsynth", "roxsynth")
+    gt, db, queries = load_images(synth / "revisitop" / "roxsynth")
     print("\nreferences on this benchmark\n\n| model | Easy mAP | Medium mAP | Hard mAP |\n| --- | --- | --- | --- |")
     row("pixels 8x8, cosine kNN", score_map(pixel_scores(db, queries, 8), gt))
     row("random order (chance)", chance_map(gt, len(db)))

@@ -33,29 +33,22 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def separation(model, synth: Path, k: int) -> None:
     """Prints one model's shortlist classes, AUCs and re-ranker-only mAP."""
-    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
-    from cvnet.models.global_net import multiscale_descriptors
+    from cvnet.data.revisitop import load_benchmark
     from cvnet.retrieval import (
         DEFAULT_WEIGHT,
+        benchmark_ranking,
+        benchmark_rerank_features,
         evaluate_rankings,
-        global_search,
         rerank_probabilities,
         retrieve,
     )
-    from cvnet.search import Descriptors
 
-    root = str(synth / "revisitop" / "roxsynth")
-    gt = load_ground_truth(f"{root}/gnd_roxsynth.pkl")
+    bench = load_benchmark(str(synth / "revisitop" / "roxsynth"))
+    gt, queries, names = bench.gt, bench.query_ids, bench.ids
     family = {r["id"]: r["family"] for r in csv.DictReader(open(synth / "synth_images.csv"))}
-    queries, names = list(gt["qimlist"]), list(gt["imlist"])
-    query_images = [load_query_image(root, gt, i) for i in range(len(queries))]
-    images = [load_image(root, n) for n in names]
     with torch.inference_mode():
-        ranking = global_search(Descriptors(multiscale_descriptors(model.encoder_q, query_images, (1.0,)), queries),
-                                Descriptors(multiscale_descriptors(model.encoder_q, images, (1.0,)), names),
-                                len(names), exclude_self=False)
-        qf = {q: model.rerank_features(im) for q, im in zip(queries, query_images)}
-        gf = {n: model.rerank_features(im) for n, im in zip(names, images)}
+        ranking = benchmark_ranking(model.encoder_q, bench, (1.0,))
+        qf, gf = benchmark_rerank_features(model, bench)
         p = rerank_probabilities(ranking, k, model.match_probability, qf, gf)
     kinds: dict[str, list[tuple[float, float]]] = {"positive": [], "junk": [], "family": [], "other": []}
     for qi, query in enumerate(queries):

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvnet.data.revisitop import PROTOCOLS, gnd_entries, protocol_sets
+from cvnet.data.revisitop import PROTOCOLS, Benchmark, gnd_entries, load_benchmark, protocol_sets
 from cvnet.eval.revisitop import DEFAULT_KS, evaluate, evaluate_per_query
 from cvnet.search import Descriptors, TopK, search
 
@@ -200,6 +200,29 @@ def per_query_ap(rankings: pa.Table, gt: dict, query_ids: Sequence[str], protoco
     return evaluate_per_query(revisitop_ranks(rankings, gt, query_ids), gt)[protocol]["ap"]
 
 
+def benchmark_ranking(net: torch.nn.Module, bench: Benchmark, scales: Sequence[float],
+                      database: np.ndarray | None = None, ids: Sequence[str] | None = None) -> TopK:
+    """The full exact global ranking of ``bench``'s database for each of its queries, all
+    described here by the global network ``net`` at ``scales``; ``database`` / ``ids``: given
+    database descriptors instead (e.g. read from an extraction)."""
+    from cvnet.models.global_net import multiscale_descriptors
+
+    if database is None:
+        if bench.images is None:
+            raise ValueError(f"{bench.root}: database images not loaded and no descriptors given")
+        database, ids = multiscale_descriptors(net, bench.images, scales), bench.ids
+    queries = multiscale_descriptors(net, bench.query_images, scales)
+    return global_search(Descriptors(queries, bench.query_ids), Descriptors(database, list(ids)), len(ids),
+                         exclude_self=False)
+
+
+def benchmark_rerank_features(model: torch.nn.Module, bench: Benchmark) -> tuple[dict, dict]:
+    """The re-ranking features (``CVNet.rerank_features``) of ``bench``'s queries and database
+    images, by id."""
+    queries = {q: model.rerank_features(image) for q, image in zip(bench.query_ids, bench.query_images)}
+    return queries, {n: model.rerank_features(image) for n, image in zip(bench.ids, bench.images)}
+
+
 def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | None = None,
                     features: str | None = None, extractor_sha256: str | None = None) -> dict[str, dict[str, float]]:
     """revisitop metrics (fractions) of the global network ``net`` on the (small) benchmark at
@@ -209,26 +232,18 @@ def evaluate_global(net: torch.nn.Module, root: str, scales: Sequence[float] | N
     benchmarks go through ``cvnet evaluate`` (Ray) instead."""
     from cvnet import storage
     from cvnet.config import DEFAULT_SCALES
-    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
-    from cvnet.eval.revisitop import benchmark_name
     from cvnet.features import read_descriptors
-    from cvnet.models.global_net import multiscale_descriptors
 
-    scales = scales or DEFAULT_SCALES
-    gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
-    queries = multiscale_descriptors(net, [load_query_image(root, gt, q) for q in range(len(gt["qimlist"]))], scales)
-    if features is None:
-        database = multiscale_descriptors(net, [load_image(root, n) for n in gt["imlist"]], scales)
-        ids = list(gt["imlist"])
-    else:
+    bench = load_benchmark(root, images=features is None)
+    ids = database = None
+    if features is not None:
         ids, database = read_descriptors(features, extractor_sha256=extractor_sha256)
-        missing = set(gt["imlist"]) - set(ids)
+        missing = set(bench.ids) - set(ids)
         if missing:
             raise KeyError(f"{storage.redact(features)}: no descriptor for database image {sorted(missing)[0]!r} "
                            f"({len(missing)} missing)")
-    query_ids = list(gt["qimlist"])
-    ranking = global_search(Descriptors(queries, query_ids), Descriptors(database, ids), len(ids), exclude_self=False)
-    return evaluate_rankings(fuse(ranking, None), gt, query_ids)
+    ranking = benchmark_ranking(net, bench, scales or DEFAULT_SCALES, database, ids)
+    return evaluate_rankings(fuse(ranking, None), bench.gt, bench.query_ids)
 
 
 def evaluate_rerank(model: torch.nn.Module, root: str, k: int = DEFAULT_K, scales: Sequence[float] = (1.0,),
@@ -237,29 +252,18 @@ def evaluate_rerank(model: torch.nn.Module, root: str, k: int = DEFAULT_K, scale
     in this process: ``global`` retrieval and its top-``k`` re-ranked and fused under each
     shortlist rule (``rerank_topk``: the raw top-k; ``rerank_gt_aware``: each protocol's junk
     removed first, scored with that protocol). The labels are those of ``cvnet evaluate``."""
-    from cvnet import storage
-    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
-    from cvnet.eval.revisitop import benchmark_name
-    from cvnet.models.global_net import multiscale_descriptors
-
-    gt = load_ground_truth(storage.join(root, f"gnd_{benchmark_name(root)}.pkl"))
-    queries, names = list(gt["qimlist"]), list(gt["imlist"])
-    query_images = [load_query_image(root, gt, i) for i in range(len(queries))]
-    images = [load_image(root, n) for n in names]
-    ranking = global_search(Descriptors(multiscale_descriptors(model.encoder_q, query_images, scales), queries),
-                            Descriptors(multiscale_descriptors(model.encoder_q, images, scales), names),
-                            len(names), exclude_self=False)
-    query_features = {q: model.rerank_features(image) for q, image in zip(queries, query_images)}
-    gallery_features = {n: model.rerank_features(image) for n, image in zip(names, images)}
+    bench = load_benchmark(root)
+    gt, queries = bench.gt, bench.query_ids
+    ranking = benchmark_ranking(model.encoder_q, bench, scales)
+    features = benchmark_rerank_features(model, bench)
     score = model.match_probability
     results = {"global": evaluate_rankings(retrieve(ranking, k, None), gt, queries)}
     if "topk" in rules:
-        results["rerank_topk"] = evaluate_rankings(
-            retrieve(ranking, k, score, query_features, gallery_features), gt, queries)
+        results["rerank_topk"] = evaluate_rankings(retrieve(ranking, k, score, *features), gt, queries)
     if "gt-aware" in rules:
         results["rerank_gt_aware"] = {p: evaluate_rankings(
-            retrieve(ranking, k, score, query_features, gallery_features, junk=protocol_junk(gt, p)),
-            gt, queries, protocols=[p])[p] for p in PROTOCOLS}
+            retrieve(ranking, k, score, *features, junk=protocol_junk(gt, p)), gt, queries, protocols=[p])[p]
+            for p in PROTOCOLS}
     return results
 
 

@@ -30,14 +30,13 @@ def run(args: argparse.Namespace) -> int:
     import mlflow
 
     from cvnet import storage
-    from cvnet.data.revisitop import load_ground_truth, load_image, load_query_image
+    from cvnet.data.revisitop import benchmark_name, ground_truth_uri, load_ground_truth, load_image, load_query_image
     from cvnet.eval.report import write_report
-    from cvnet.eval.revisitop import benchmark_name
     from cvnet.tables import Table
     from cvnet.tracking import mlflow_run, resolve_tracking_uri
 
     store = args.store or storage.default_store()
-    gt = load_ground_truth(storage.join(args.benchmark, f"gnd_{benchmark_name(args.benchmark)}.pkl"))
+    gt = load_ground_truth(ground_truth_uri(args.benchmark))
     queries = {name: q for q, name in enumerate(gt["qimlist"])}
     known = set(gt["imlist"])
 

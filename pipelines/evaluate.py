@@ -23,8 +23,7 @@ import pyarrow as pa
 from cvnet import features, storage
 from cvnet.config import EvaluateConfig, ExtractConfig, RerankConfig
 from cvnet.data.manifest import read_manifest, write_manifest
-from cvnet.data.revisitop import PROTOCOLS, load_ground_truth, revisitop_manifest
-from cvnet.eval.revisitop import benchmark_name
+from cvnet.data.revisitop import PROTOCOLS, benchmark_name, ground_truth_uri, load_ground_truth, revisitop_manifest
 from cvnet.models.checkpoints import extractor_sha256
 from cvnet.registry import resolve_checkpoint
 from cvnet.retrieval import TopK, evaluate_rankings, fuse, protocol_junk, rankings_to_topk, remove_junk
@@ -128,7 +127,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Extract, rank and score one benchmark on Ray (Ray must be initialised)."""
     checkpoint = resolve_checkpoint(cfg.model)  # paths, URIs and models:/ URIs
     model_sha, folder = storage.file_sha256(checkpoint), eval_folder(cfg, extractor_sha256(checkpoint))
-    gt = load_ground_truth(storage.join(cfg.benchmark, f"gnd_{benchmark_name(cfg.benchmark)}.pkl"))
+    gt = load_ground_truth(ground_truth_uri(cfg.benchmark))
     gallery, queries, written = extract_benchmark(cfg, folder)
     n_db = features.open_features(gallery).num_rows()
     most_junk = max(len(protocol_junk(gt, p)[q]) for p in PROTOCOLS for q in range(len(gt["qimlist"])))

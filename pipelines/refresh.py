@@ -34,6 +34,7 @@ from cvnet import features, mining, storage
 from cvnet.config import (ConfigError, EvaluateConfig, ExtractConfig, MineConfig, RefreshConfig,
                           TrainRerankConfig)
 from cvnet.data.manifest import read_manifest
+from cvnet.data.revisitop import ground_truth_uri
 from cvnet.models.checkpoints import extractor_sha256
 from cvnet.registry import find_version, gate, pin_version, register_model, resolve_checkpoint
 from cvnet.tables import Lease, NotCommitted, Table
@@ -231,11 +232,10 @@ def _train(cfg: RefreshConfig, state: RefreshState, store: str, run_id: str, tra
 
 def _evaluate(cfg: RefreshConfig, state: RefreshState, store: str) -> dict[str, Any]:
     """Candidate and champion on the same benchmark (its ground truth's hash pinned in the state)."""
-    from cvnet.eval.revisitop import benchmark_name
     from cvnet.retrieval import flat_metrics
     from pipelines.evaluate import run_evaluate
 
-    gnd = storage.join(cfg.benchmark, f"gnd_{benchmark_name(cfg.benchmark)}.pkl")
+    gnd = ground_truth_uri(cfg.benchmark)
     out: dict[str, Any] = {"benchmark": cfg.benchmark, "benchmark_gnd_sha256": storage.file_sha256(gnd)}
     for who, model in (("candidate", state.steps["train"]["checkpoint"]), ("champion", state.pinned["rerank"])):
         result = run_evaluate(step_config(cfg, "evaluate", benchmark=cfg.benchmark, model=model, rerank=True,

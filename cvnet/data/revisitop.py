@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import pickle
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
@@ -155,6 +157,43 @@ def load_image(root: str, name: str) -> np.ndarray:
 def load_query_image(root: str, gt: dict, query: int) -> np.ndarray:
     """Read, decode and crop query ``query`` the way the reference does (BGR uint8)."""
     return crop_query(load_image(root, gt["qimlist"][query]), query_bbx(gt, query))
+
+
+def benchmark_name(root: str) -> str:
+    """The dataset name of a revisitop folder: its last path component (``gnd_<name>.pkl``)."""
+    return root.rstrip("/").rsplit("/", 1)[-1]
+
+
+def ground_truth_uri(root: str) -> str:
+    """``<root>/gnd_<name>.pkl``, the ground truth of the revisitop folder ``root``."""
+    return join(root, f"gnd_{benchmark_name(root)}.pkl")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A small revisitop benchmark in memory: its ground truth, the cropped query images and
+    (``None`` when not loaded) the database images, both in the ground truth's order."""
+
+    root: str
+    gt: dict
+    query_images: list[np.ndarray]
+    images: list[np.ndarray] | None
+
+    @property
+    def query_ids(self) -> list[str]:
+        return list(self.gt["qimlist"])
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.gt["imlist"])
+
+
+def load_benchmark(root: str, images: bool = True) -> Benchmark:
+    """Read the revisitop folder ``root``: ground truth, query crops and, with ``images``, the
+    database images (for benchmarks small enough to hold in memory)."""
+    gt = load_ground_truth(ground_truth_uri(root))
+    queries = [load_query_image(root, gt, q) for q in range(len(gt["qimlist"]))]
+    return Benchmark(root, gt, queries, [load_image(root, n) for n in gt["imlist"]] if images else None)
 
 
 def read_r1m_list(uri: str) -> list[str]:

@@ -87,11 +87,6 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
                      for p, scores in results.items())
 
 
-def benchmark_name(root: str) -> str:
-    """The dataset name of a revisitop folder: its last path component (``gnd_<name>.pkl``)."""
-    return root.rstrip("/").rsplit("/", 1)[-1]
-
-
 def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     """A Markdown table of mAP (x100) per labelled result: Easy / Medium / Hard."""
     lines = ["| model | Easy mAP | Medium mAP | Hard mAP |", "| --- | --- | --- | --- |"]
