@@ -32,6 +32,9 @@ for _key, _value in LOCAL_RAY_ENV.items():
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
+# Ray Train's controller polls its workers every 2 s by default: each start, end and failure
+# of the suite's many short runs waits for a poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Keep library threads at the core count so concurrent tests do not oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -120,46 +120,111 @@ def _state(store: Path) -> dict | None:
     return json.loads((store / "refresh" / json.loads(pointer.read_text())["id"] / "state.json").read_text())
 
 
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        assert proc.poll() is None, f"the refresh ended (rc {proc.returncode}) before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_while_training(cfg: dict, folder: Path) -> dict:
+    """Start a refresh, check that a second one of the same store refuses while the first holds
+    it, then SIGKILL the first at once after Ray Train has reported its first stage-2 checkpoint
+    (a step folder alone may not be reported yet), well before the last step: a kill after the
+    last report would leave the rerun nothing to train. The state of the killed refresh."""
+    store = Path(cfg["store"])
+    command = _command(cfg, folder)
+    with open(folder / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            state = _wait_for(lambda: _state(store), first, "the refresh state")
+            second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 3, second.stdout + second.stderr[-3000:]
+            assert f"pid {first.pid}) since " in second.stderr and "is held by cvnet refresh" in second.stderr
+            snapshot = store / "checkpoints" / f"refresh-{state['id']}" / "checkpoint_manager_snapshot.json"
+            _wait_for(lambda: snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text(), first,
+                      "a reported stage-2 checkpoint")  # Ray Train's list of reported checkpoints
+            os.killpg(first.pid, signal.SIGKILL)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL  # the kill really happened
+    killed = _state(store)
+    assert killed["id"] == state["id"] and set(killed["steps"]) == {"extract", "mine"}  # killed in training
+    return killed
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_the_gate_keeps_a_worse_champion_and_promotes_a_better_one(collection, champions, mlflow_server,
-                                                                   ray_local, workdir):
-    """A refresh whose candidate misses ``min_gain`` leaves champion and sets challenger; the next
-    refresh (new images) with a reachable bar promotes its candidate and keeps the old champion
-    as ``previous``. Both candidates were trained on the new hard-negatives version, from the
-    champion re-ranker, and found the images of the new manifest only as new work."""
+def test_refresh_killed_resumed_gated_then_promoted_then_nothing_new_once_per_period(
+        collection, champions, mlflow_server, ray_local, ray_head, workdir, monkeypatch, caplog):
+    """The refreshes of one store as images arrive:
+
+    1. a refresh is killed (SIGKILL) while training, after its first checkpoint; meanwhile a
+       second refresh of the store refuses, naming the holder and since when;
+    2. the rerun resumes the same refresh at the training step (from the checkpoint); its
+       candidate misses ``min_gain``: champion kept, the candidate is challenger;
+    3. nothing is new: a refresh says so and exits 0 before any heavy work;
+    4. new images, a reachable bar: a new refresh extracts only them, re-mines, trains from the
+       champion on the new hard-negatives version, promotes and keeps the old champion as
+       ``previous``; MLflow has its parent run and one child run per step;
+    5. ``cvnet submit refresh --period 1d`` runs once per period on a ``ray start --head`` cluster.
+    """
+    import logging
+
     from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
 
     from cvnet import features
     from cvnet.registry import aliases
+    from jobs import submit
 
+    store, name, n = workdir / "store", champions["rerank"], len(collection["ids"])
+    client = MlflowClient(mlflow_server["url"])
     address = ray_local.get_runtime_context().gcs_address
-    store = workdir / "store"
-    name = champions["rerank"]
-    done, worse = _refresh(_config(collection, champions, mlflow_server, store, address,
-                                   collection["manifests"][1:2], min_gain=1000.0), workdir)
-    assert "is challenger; champion kept" in done.stdout, done.stdout
+    cfg = _config(collection, champions, mlflow_server, store, address, collection["manifests"][:1], min_gain=1000.0)
+    cfg["train"]["optim"]["max_steps"] = 8
+    killed = _kill_while_training(cfg, workdir)
+
+    done, worse = _refresh(cfg, workdir)
+    assert "resumed after the steps extract, mine" in done.stdout, done.stdout
+    assert worse["id"] == killed["id"] and worse["done"]
     first = worse["steps"]
+    assert first["extract"] == killed["steps"]["extract"]  # not redone
+    assert first["train"]["resumed_from"] and first["train"]["step"] == 8, (workdir / "first.log").read_text()[-3000:]
+    assert "is challenger; champion kept" in done.stdout, done.stdout
     assert first["gate"]["promoted"] is False and "keep the champion" in first["gate"]["reason"]
     assert aliases(name).champion == "1" and aliases(name).challenger == first["register"]["version"] == "2"
     assert worse["pinned"] == {"global": f"models:/{champions['global']}/1", "rerank": f"models:/{name}/1"}
-    n = len(collection["ids"])
-    assert first["extract"]["manifest_0_images"] == n - 2 and first["mine"]["rows"] == n - 2
+    assert first["extract"]["manifest_0_images"] == n - 4 and first["mine"]["rows"] == n - 4
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"]  # the killed run registered nothing
+    assert [v.version for v in versions if v.tags.get("cvnet.refresh_id") == worse["id"]] == ["2"]
 
-    done, better = _refresh(_config(collection, champions, mlflow_server, store, address,
-                                    collection["manifests"][2:], min_gain=-1000.0), workdir)
+    assert "attaching to Ray" in done.stderr
+    done, after = _refresh(cfg, workdir)
+    assert "nothing new to do" in done.stdout and after["id"] == worse["id"], done.stdout
+    assert "attaching to Ray" not in done.stderr  # decided before starting any heavy work
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    cfg = _config(collection, champions, mlflow_server, store, address, collection["manifests"][2:], min_gain=-1000.0)
+    command = _command(cfg, workdir)
+    done, better = _refresh(cfg, workdir)
     second = better["steps"]
     assert better["id"] != worse["id"] and "promoted to champion" in done.stdout, done.stdout
     assert aliases(name).champion == second["register"]["version"] == "3"
     assert aliases(name).previous == "1" and aliases(name).challenger == "3"
-    assert second["extract"]["manifest_0_images"] == 2  # the new images only
+    assert second["extract"]["manifest_0_images"] == 4  # the new images only
     assert second["extract"]["features"] == first["extract"]["features"]  # one table per model, grown
     assert second["mine"]["hard_negatives_version"] > first["mine"]["hard_negatives_version"]
     assert second["train"]["input.hard_negatives.version"] == second["mine"]["hard_negatives_version"]
     ids, _ = features.read_descriptors(second["extract"]["features"])
     assert sorted(ids) == sorted(collection["ids"])  # nothing lost, nothing doubled
-
-    client = MlflowClient(mlflow_server["url"])
     version = client.get_model_version(name, "3")
     assert version.tags["cvnet.refresh_id"] == better["id"]
     assert float(version.tags["rerank_topk_medium_map"]) == second["evaluate"]["candidate_metrics"]["rerank_topk_medium_map"]
@@ -172,80 +237,6 @@ def test_the_gate_keeps_a_worse_champion_and_promotes_a_better_one(collection, c
     assert by_step["mine"].data.params["hard_negatives_version_written"] == str(second["mine"]["hard_negatives_version"])
     assert by_step["train"].data.params["input.hard_negatives.version"] == str(second["mine"]["hard_negatives_version"])
     assert "loss" in by_step["train"].data.metrics  # the training workers logged into the step's run
-
-
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        assert proc.poll() is None, f"the refresh ended (rc {proc.returncode}) before {what}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_killed_refresh_resumes_a_second_is_refused_then_nothing_new_and_once_per_period(
-        collection, champions, mlflow_server, ray_local, ray_head, workdir, monkeypatch, caplog):
-    """A refresh is killed (SIGKILL) while training, after its first checkpoint; meanwhile a
-    second refresh of the store refuses, naming the holder and since when. The rerun resumes the
-    same refresh at the training step (from the checkpoint) and finishes with one registered
-    version. Then nothing is new: a refresh says so and exits 0 without a new refresh, and
-    ``cvnet submit refresh --period 1d`` runs once per period on a ``ray start --head`` cluster."""
-    import logging
-
-    from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobSubmissionClient
-
-    from jobs import submit
-
-    store = workdir / "store"
-    cfg = _config(collection, champions, mlflow_server, store, ray_local.get_runtime_context().gcs_address,
-                  collection["manifests"][:1])
-    cfg["train"]["optim"]["max_steps"] = 8
-    command = _command(cfg, workdir)
-    with open(workdir / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            state = _wait_for(lambda: _state(store), first, "the refresh state")
-            second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert second.returncode == 3, second.stdout + second.stderr[-3000:]
-            assert f"pid {first.pid}) since " in second.stderr and "is held by cvnet refresh" in second.stderr
-            # killed at once after Ray Train has reported the first stage-2 checkpoint (a step
-            # folder alone may not be reported yet), well before the last step: a kill after the
-            # last report would leave the rerun nothing to train
-            checkpoints = store / "checkpoints" / f"refresh-{state['id']}"
-            snapshot = checkpoints / "checkpoint_manager_snapshot.json"  # Ray Train's list of reported ones
-            _wait_for(lambda: snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text(), first,
-                      "a reported stage-2 checkpoint")
-            os.killpg(first.pid, signal.SIGKILL)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    assert first.returncode == -signal.SIGKILL  # the kill really happened
-    killed = _state(store)
-    assert killed["id"] == state["id"] and set(killed["steps"]) == {"extract", "mine"}  # killed in training
-
-    done, resumed = _refresh(cfg, workdir)
-    assert "resumed after the steps extract, mine" in done.stdout, done.stdout
-    assert resumed["id"] == state["id"] and resumed["done"]
-    assert resumed["steps"]["extract"] == killed["steps"]["extract"]  # not redone
-    assert resumed["steps"]["train"]["resumed_from"] and resumed["steps"]["train"]["step"] == 8, \
-        (workdir / "first.log").read_text()[-3000:]
-    name = champions["rerank"]
-    client = MlflowClient(mlflow_server["url"])
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert sorted(v.version for v in versions) == ["1", "2"]
-    assert [v.version for v in versions if v.tags.get("cvnet.refresh_id") == state["id"]] == ["2"]
-
-    assert "attaching to Ray" in done.stderr
-    done, after = _refresh(cfg, workdir)
-    assert "nothing new to do" in done.stdout and after["id"] == state["id"], done.stdout
-    assert "attaching to Ray" not in done.stderr  # decided before starting any heavy work
-    assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     caplog.set_level(logging.INFO, logger="cvnet.submit")
