@@ -28,8 +28,11 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "make browser: no chromium installed (needs root and apt-get); the report's browser test will skip"
 
+# Two pytest-xdist workers, a test module each at a time (each with its own Ray, moto and mlflow):
+# most of a test's time is process start-up and polling, which the other worker fills.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) bench/rerank.py

@@ -26,6 +26,15 @@ from pipelines.ray_runtime import LOCAL_RAY_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (``make test`` runs two workers) each worker has its own temporary folder:
+# its Ray cluster's session, its jobs' staging folders and its subprocesses stay apart from the
+# other worker's. Set before anything asks ``tempfile`` or starts Ray.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_tmp = Path(tempfile.gettempdir()) / f"cvnet-{os.getuid()}-{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(_worker_tmp)
+    tempfile.tempdir = None  # recomputed from TMPDIR
+
 # Ray on a small loopback-only machine (see README); set before anything imports ray.
 for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -37,6 +46,17 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Keep library threads at the core count so concurrent tests do not oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadfile --no-loadscope-reorder``): the modules with the most
+    ``slow`` tests go first, so that two workers do not end with one long module running alone."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: file order within a module
 
 
 def free_port() -> int:

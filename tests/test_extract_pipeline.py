@@ -294,6 +294,7 @@ def restore_tracking_uri():
     mlflow.set_tracking_uri(before)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun_resumes(ray_local, dataset, tmp_path, restore_tracking_uri):
     output = tmp_path / "out"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -387,6 +388,7 @@ def test_s3_inputs_store_and_two_runs_at_once(ray_local, dataset, s3_bucket, tmp
     assert table.settings["float16"] is True
 
 
+@pytest.mark.slow
 def test_node_removed_mid_run(dataset, tmp_path):
     """On a ``ray.cluster_utils.Cluster``: the node running the actor is removed and another
     joins; every image ends exactly once (runs in its own process: its own Ray cluster)."""

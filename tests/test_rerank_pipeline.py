@@ -89,6 +89,7 @@ def _check_equal_direct(table: pa.Table, direct) -> None:
         assert rows["rerank_score"].null_count == len(expected) - K
 
 
+@pytest.mark.slow
 def test_rerank_equals_direct_cached_equals_recompute_and_actors(bench, tmp_path):
     direct = _direct(bench)
     cached = run_rerank(_cfg(bench, tmp_path / "cached"))
@@ -126,6 +127,7 @@ def _exactly_once(uri: str, bench) -> None:
     assert {c["counts"] for c in counts} == {8}
 
 
+@pytest.mark.slow
 def test_killed_actor_then_every_query_once(ray_local, bench, tmp_path):
     out = tmp_path / "killed"
     cfg = _cfg(bench, out, wave_queries=1, part_images=1)
@@ -141,6 +143,7 @@ def test_killed_actor_then_every_query_once(ray_local, bench, tmp_path):
     _exactly_once(str(out), bench)
 
 
+@pytest.mark.slow
 def test_killed_driver_then_rerun_every_query_once(ray_local, bench, tmp_path):
     out = tmp_path / "driver"
     args = ["rerank", "--gallery", bench["gallery"], "--queries", bench["queries"], "--model", bench["model_uri"],

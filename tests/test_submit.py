@@ -82,6 +82,7 @@ def test_cluster_job_with_remote_store_and_local_tracking_fails_fast(monkeypatch
         resolve_tracking_uri("s3://b/x")
 
 
+@pytest.mark.slow
 def test_submit_extract_runs_on_the_cluster(ray_head, tmp_path):
     from cvnet import features
     from cvnet.data.manifest import write_manifest

@@ -288,6 +288,7 @@ def _run_with_fault(cluster, marker: Path, cvnet_args: list[str]) -> subprocess.
         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_worker_fault_resumes_from_checkpoint_on_s3_with_mlflow_server(
         s3_bucket, mlflow_server, ray_local, tiny_synth, workdir):
     """A worker raises at step 3; Ray Train restarts the group, which resumes from the step-2
@@ -327,6 +328,7 @@ def test_worker_fault_resumes_from_checkpoint_on_s3_with_mlflow_server(
     assert "python_function" in info.flavors and info.signature is not None  # a real MLflow model
 
 
+@pytest.mark.slow
 def test_driver_crash_then_rerun_with_same_name_resumes(workdir, ray_local, tiny_synth):
     """Without retries the fault ends the job (like a crashed driver); fitting again under the
     same run name resumes from the last checkpoint instead of step 0."""
