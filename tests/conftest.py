@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,7 @@ def pytest_collection_modifyitems(config, items):
     ``slow`` tests go first, so that two workers do not end with one long module running alone."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.module.__name__])  # stable: file order within a module
 
 

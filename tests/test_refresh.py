@@ -213,7 +213,6 @@ def test_refresh_killed_resumed_gated_then_promoted_then_nothing_new_once_per_pe
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
     cfg = _config(collection, champions, mlflow_server, store, address, collection["manifests"][2:], min_gain=-1000.0)
-    command = _command(cfg, workdir)
     done, better = _refresh(cfg, workdir)
     second = better["steps"]
     assert better["id"] != worse["id"] and "promoted to champion" in done.stdout, done.stdout
@@ -240,7 +239,7 @@ def test_refresh_killed_resumed_gated_then_promoted_then_nothing_new_once_per_pe
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     caplog.set_level(logging.INFO, logger="cvnet.submit")
-    config = command[-1]
+    config = _command(cfg, workdir)[-1]  # the config file of the last refresh: nothing new
     parser = argparse.ArgumentParser()
     submit.add_arguments(parser)
     args = ["refresh", "--config", config, "--address", ray_head, "--period", "1d", "--wait"]
